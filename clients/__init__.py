@@ -1,0 +1,1 @@
+"""LiveLens clients."""

@@ -1,0 +1,24 @@
+"""Shared pytest set-up: Triton's interpreter on CPU-only machines, deterministic torch."""
+
+from __future__ import annotations
+
+import os
+
+# Triton kernels run on the CPU through the interpreter; it must be set before triton imports.
+if not os.environ.get("CUDA_VISIBLE_DEVICES") == "" and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+torch.manual_seed(0)
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
