@@ -22,3 +22,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Cache dir for built checkpoints: LIVELENS_CACHE if set (CI reuse), else a temp dir."""
+    from pathlib import Path
+
+    env = os.environ.get("LIVELENS_CACHE")
+    return Path(env) if env else tmp_path_factory.mktemp("livelens-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_cache):
+    """The offline tiny VideoLLaMA3 (random weights, seed 0), loaded once per test run."""
+    from livelens.model.loading import load_model
+
+    return load_model("tiny", device="cpu", cache_dir=model_cache)

@@ -1,0 +1,322 @@
+"""One stream's VideoLLaMA3 state: its KV cache on the model's device, grown frame by frame.
+
+`append` prefills `Time {t:.1f}s:` plus each frame's DiffFP-kept visual tokens; `ask` prefills a
+question after the video, decodes, and crops the cache back to the video-only prefix, so the
+cache always equals one offline forward over the frames seen so far (see tests/test_exactness.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from livelens.model.grounding import Segment, parse_segments
+from livelens.model.prompt import PromptFormat
+from livelens.model.pruner import DiffFramePruner
+from livelens.model.runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+MAX_QUESTION_CHARS = 2000
+# Tokens kept free after the video for the question and the answer.
+ANSWER_RESERVE_TOKENS = 1024
+
+
+class SessionError(ValueError):
+    """Input the session cannot accept; the message is meant for the end user."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding options; temperature 0 means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_new_tokens <= 4096:
+            raise SessionError(f"max_new_tokens must be in [1, 4096], got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 10):
+            raise SessionError(f"temperature must be in [0, 10], got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise SessionError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise SessionError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    frames: int
+    kept_tokens: int
+    total_tokens: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    question: str
+    text: str
+    token_ids: list[int]
+    segments: list[Segment]
+    stream_position: float
+    """Media time (s) of the last frame the answer saw."""
+    prefill_seconds: float
+    """Question prefill until the first token was chosen (time to first token)."""
+    total_seconds: float
+
+
+@dataclass
+class SessionStats:
+    frames: int = 0
+    kept_tokens: int = 0
+    total_tokens: int = 0
+    kv_tokens: int = 0
+    last_time: float | None = None
+
+    @property
+    def kept_ratio(self) -> float:
+        return self.kept_tokens / self.total_tokens if self.total_tokens else 1.0
+
+
+@dataclass
+class _Prompt:
+    """Token bookkeeping: ids committed to the cache, and text not yet tokenized."""
+
+    ids: list[int] = field(default_factory=list)
+    pending: str = ""
+
+
+class VideoSession:
+    """A live stream's frames resident in the LLM KV cache, ready for questions."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        *,
+        height: int,
+        width: int,
+        threshold: float = 0.1,
+        min_tokens: int = 1,
+        prompt: PromptFormat | None = None,
+    ) -> None:
+        unit = runner.patch_size * runner.merge_size
+        if height <= 0 or width <= 0 or height % unit or width % unit:
+            raise SessionError(f"frame grid {height}x{width} must be positive multiples of {unit}")
+        self.runner = runner
+        self.tokenizer = runner.loaded.tokenizer
+        self.height, self.width = height, width
+        self.gh, self.gw = height // runner.patch_size, width // runner.patch_size
+        self.tokens_per_frame = (self.gh // runner.merge_size) * (self.gw // runner.merge_size)
+        self.prompt = prompt or PromptFormat.from_tokenizer(
+            self.tokenizer, runner.loaded.video_token_id
+        )
+        self.pruner = DiffFramePruner(
+            threshold=threshold, min_tokens=min_tokens, device=runner.device
+        )
+        self.cache = runner.new_cache()
+        self.stats = SessionStats()
+        self.times: list[float] = []
+        self.kept_per_frame: list[int] = []
+        self._prompt = _Prompt(pending=self.prompt.prefix)
+        text_config = runner.model.config.text_config
+        self.max_tokens = int(text_config.max_position_embeddings)
+        self._eos_ids = self._stop_ids()
+
+    # ------------------------------------------------------------------ video
+    def append(self, frames: torch.Tensor | np.ndarray, times: Sequence[float]) -> AppendResult:
+        """Prefill a chunk of sampled frames (uint8 (T, H, W, 3) at the session grid)."""
+        started = time.perf_counter()
+        frames = torch.as_tensor(frames)
+        self._check_frames(frames, times)
+        pruned = self.pruner(frames)
+        feats = self.runner.encode_frames(pruned.patches, len(times), self.gh, self.gw)
+        feats = feats.view(len(times), self.tokens_per_frame, -1)
+        keep = pruned.keep.to(feats.device)
+        counts = keep.sum(dim=1).tolist()
+
+        pieces: list[torch.Tensor] = []
+        for i, (t, n) in enumerate(zip(times, counts, strict=True)):
+            self._prompt.pending += self.prompt.frame_label(self.stats.frames + i, t)
+            if n == 0:
+                continue  # the label text joins the next text segment, as in the full prompt
+            ids = self._tokenize(self._prompt.pending)
+            self._prompt.pending = ""
+            self._prompt.ids += ids + [self.runner.loaded.video_token_id] * n
+            pieces += [self.runner.embed_tokens(ids), feats[i][keep[i]]]
+        new_tokens = sum(p.shape[0] for p in pieces)
+        if self.stats.kv_tokens + new_tokens + ANSWER_RESERVE_TOKENS > self.max_tokens:
+            raise SessionError(
+                f"session context is full ({self.stats.kv_tokens} of {self.max_tokens} tokens); "
+                "lower --fps or raise --prune-threshold"
+            )
+        if pieces:
+            self.runner.prefill(torch.cat(pieces), self.cache)
+
+        kept = int(sum(counts))
+        self.times += list(times)
+        self.kept_per_frame += counts
+        self.stats.frames += len(times)
+        self.stats.kept_tokens += kept
+        self.stats.total_tokens += len(times) * self.tokens_per_frame
+        self.stats.kv_tokens = self.cache.get_seq_length()
+        self.stats.last_time = float(times[-1])
+        return AppendResult(
+            frames=len(times),
+            kept_tokens=kept,
+            total_tokens=len(times) * self.tokens_per_frame,
+            seconds=time.perf_counter() - started,
+        )
+
+    def _check_frames(self, frames: torch.Tensor, times: Sequence[float]) -> None:
+        if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
+            raise SessionError(f"frames must be uint8 (T, H, W, 3), got {tuple(frames.shape)}")
+        if tuple(frames.shape[1:3]) != (self.height, self.width):
+            raise SessionError(
+                f"frame size {tuple(frames.shape[1:3])} differs from the session grid "
+                f"{(self.height, self.width)}"
+            )
+        if len(times) != frames.shape[0] or not times:
+            raise SessionError(f"{frames.shape[0]} frames but {len(times)} timestamps")
+        last = self.stats.last_time
+        for t in times:
+            if not math.isfinite(t) or t < 0 or (last is not None and t <= last):
+                raise SessionError(f"frame times must increase from 0; got {t} after {last}")
+            last = t
+
+    # -------------------------------------------------------------- questions
+    def question_logits(self, question: str) -> torch.Tensor:
+        """Logits of the first answer token (the cache is restored afterwards)."""
+        video_len = self.cache.get_seq_length()
+        try:
+            return self.runner.logits(self._prefill_question(question))
+        finally:
+            self._crop(video_len)
+
+    def ask(self, question: str, params: SamplingParams | None = None) -> Iterator[str]:
+        """Stream the answer's text as it decodes; `last_answer` holds the result afterwards.
+
+        Whatever happens (exhaustion, an error, the consumer closing the generator), the
+        cache is cropped back to the video-only prefix before control returns.
+        """
+        params = params or SamplingParams()
+        started = time.perf_counter()
+        video_len = self.cache.get_seq_length()
+        generator = self._generator(params.seed)
+        ids: list[int] = []
+        emitted = ""
+        try:
+            logits = self.runner.logits(self._prefill_question(question))
+            prefill_seconds = time.perf_counter() - started
+            for step in range(params.max_new_tokens):
+                token = self._choose(logits, params, generator)
+                if token in self._eos_ids:
+                    break
+                ids.append(token)
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                # Hold back a partial UTF-8 character until its remaining bytes arrive.
+                if not text.endswith("\ufffd") and len(text) > len(emitted):
+                    yield text[len(emitted) :]
+                    emitted = text
+                if step + 1 < params.max_new_tokens:
+                    hidden = self.runner.prefill(self.runner.embed_tokens([token]), self.cache)
+                    logits = self.runner.logits(hidden)
+        finally:
+            self._crop(video_len)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if len(text) > len(emitted):
+            yield text[len(emitted) :]
+        end = self.stats.last_time or 0.0
+        self.last_answer = Answer(
+            question=question,
+            text=text,
+            token_ids=ids,
+            segments=parse_segments(text, stream_start=0.0, stream_end=end),
+            stream_position=end,
+            prefill_seconds=prefill_seconds,
+            total_seconds=time.perf_counter() - started,
+        )
+
+    def answer(self, question: str, params: SamplingParams | None = None) -> Answer:
+        """Blocking form of `ask`."""
+        for _ in self.ask(question, params):
+            pass
+        return self.last_answer
+
+    def _prefill_question(self, question: str) -> torch.Tensor:
+        question = self.validate_question(question)
+        if self.stats.frames == 0:
+            raise SessionError("the session has no frames yet")
+        ids = self._tokenize(self._prompt.pending + self.prompt.question_text(question))
+        return self.runner.prefill(self.runner.embed_tokens(ids), self.cache)
+
+    @staticmethod
+    def validate_question(question: str) -> str:
+        if not isinstance(question, str) or not question.strip():
+            raise SessionError("the question is empty")
+        if len(question) > MAX_QUESTION_CHARS:
+            raise SessionError(
+                f"the question has {len(question)} characters; the limit is {MAX_QUESTION_CHARS}"
+            )
+        return question
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def prompt_ids(self) -> list[int]:
+        """Token ids committed to the cache so far (the video-only prefix)."""
+        return list(self._prompt.ids)
+
+    def kv_bytes(self) -> int:
+        return sum(
+            layer.keys.nbytes + layer.values.nbytes
+            for layer in self.cache.layers
+            if getattr(layer, "keys", None) is not None
+        )
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _crop(self, length: int) -> None:
+        extra = self.cache.get_seq_length() - length
+        if extra > 0:
+            self.cache.crop(-extra)
+
+    def _stop_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        eos = self.runner.model.generation_config.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos])
+        for token in ("<|im_end|>", "<|endoftext|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(token)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+                ids.add(tid)
+        return {i for i in ids if i is not None}
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        gen = torch.Generator(device=self.runner.device)
+        gen.manual_seed(seed if seed is not None else torch.seed())
+        return gen
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
+        if params.temperature == 0:
+            return int(torch.argmax(logits))
+        scores = logits / params.temperature
+        if params.top_k:
+            kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
+            scores = scores.masked_fill(scores < kth, -math.inf)
+        if params.top_p < 1:
+            sorted_scores, order = torch.sort(scores, descending=True)
+            probs = torch.softmax(sorted_scores, dim=-1)
+            # Drop tokens once the mass before them already exceeds top_p (keeps at least one).
+            drop = probs.cumsum(-1) - probs > params.top_p
+            scores = scores.scatter(0, order[drop], -math.inf)
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=gen))
