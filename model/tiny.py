@@ -58,7 +58,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-_WORDS = [
+_WORDS = (
     "the",
     "a",
     "an",
@@ -153,14 +153,17 @@ _WORDS = [
     "assistant",
     "user",
     "system",
-]
+)
 
 
 def _training_corpus(seed: int) -> list[str]:
     """A fixed, seed-determined corpus that covers the prompt's time labels and question words."""
     rng = random.Random(seed)
     lines = [f"Time {t / 10:.1f}s:" for t in range(0, 6000, 7)]
-    lines += [f"from {a:.1f}s to {a + b:.1f}s" for a, b in zip(range(0, 600, 3), range(1, 200))]
+    lines += [
+        f"from {a:.1f}s to {a + b:.1f}s"
+        for a, b in zip(range(0, 600, 3), range(1, 201), strict=True)
+    ]
     for _ in range(3000):
         lines.append(" ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12))))
     return lines

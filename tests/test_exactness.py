@@ -56,7 +56,9 @@ def _offline(loaded, frames: np.ndarray, times: list[float]):
     kept = mask.view(t, -1).sum(dim=1).tolist()
     tok = loaded.tokenizer
     video_token = tok.convert_ids_to_tokens(loaded.video_token_id)
-    video = ",".join(f"Time {ts:.1f}s:" + video_token * n for ts, n in zip(times, kept))
+    video = ",".join(
+        f"Time {ts:.1f}s:" + video_token * n for ts, n in zip(times, kept, strict=True)
+    )
     text = tok.apply_chat_template(
         [{"role": "user", "content": video + "\n" + QUESTION}],
         tokenize=False,
