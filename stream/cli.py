@@ -1,0 +1,226 @@
+"""`livelens` command line: `livelens ask VIDEO "question"` streams an answer with timestamps."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from livelens.stream.errors import SourceError
+from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME
+
+logger = logging.getLogger(__name__)
+
+# Frames per append: batches the vision encoder without holding much of the video in memory.
+DEFAULT_CHUNK = 8
+
+
+class UsageError(ValueError):
+    """A command-line value is out of range; reported as one line."""
+
+
+def _positive_float(name: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise UsageError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise UsageError(f"{name} must be a finite number > 0, got {value}")
+    return number
+
+
+def _threshold(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise UsageError(f"--prune-threshold must be a number, got {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise UsageError(f"--prune-threshold must be a finite number >= 0, got {value}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from livelens.model.loading import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(
+        prog="livelens", description="Ask questions about live video, answered with timestamps."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ask = sub.add_parser("ask", help="answer a question about a video file")
+    ask.add_argument("video", help="path of any video file FFmpeg reads")
+    ask.add_argument("question")
+    ask.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="hub id or local directory of a VideoLLaMA3 checkpoint, or 'tiny' (offline test "
+        f"model); default {DEFAULT_MODEL}",
+    )
+    ask.add_argument("--fps", default="1", help="frames sampled per media second (default 1)")
+    ask.add_argument(
+        "--prune-threshold",
+        default="0.1",
+        help="DiffFP threshold: a token is kept when its mean pixel change x255 exceeds it "
+        "(default 0.1, the paper's; live cameras need ~4 to prune anything)",
+    )
+    ask.add_argument(
+        "--tokens-per-frame",
+        type=int,
+        default=DEFAULT_TOKENS_PER_FRAME,
+        help=f"visual token budget per frame before pruning (default {DEFAULT_TOKENS_PER_FRAME})",
+    )
+    ask.add_argument("--max-new-tokens", type=int, default=128)
+    ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ask.add_argument("--top-p", type=float, default=1.0)
+    ask.add_argument("--top-k", type=int, default=0)
+    ask.add_argument("--seed", type=int, default=None)
+    ask.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    ask.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help=argparse.SUPPRESS)
+    return parser
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    # Everything cheap is validated before the model loads, so bad input fails in milliseconds.
+    from livelens.model.session import SamplingParams, VideoSession
+    from livelens.stream.ingest import sample_file
+
+    question = VideoSession.validate_question(args.question)
+    fps = _positive_float("--fps", args.fps)
+    threshold = _threshold(args.prune_threshold)
+    if args.tokens_per_frame <= 0:
+        raise UsageError(f"--tokens-per-frame must be > 0, got {args.tokens_per_frame}")
+    if args.chunk <= 0:
+        raise UsageError(f"--chunk must be > 0, got {args.chunk}")
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    grid, frames = sample_file(
+        args.video, fps=fps, tokens_per_frame=args.tokens_per_frame, on_progress=None
+    )
+    with frames:
+        session = _open_session(args, grid, threshold)
+        prefill_s = _ingest(session, frames, args.chunk)
+        if session.stats.frames == 0:
+            raise SourceError(f"{args.video}: no frame could be sampled")
+        for piece in session.ask(question, params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    answer = session.last_answer
+    sys.stdout.write("\n")
+    segments = [{"start": s.start, "end": s.end} for s in answer.segments]
+    print("segments: " + json.dumps(segments))
+    stats = session.stats
+    print(
+        "stats: "
+        + json.dumps(
+            {
+                "frames": stats.frames,
+                "media_seconds": stats.last_time,
+                "grid": [grid.width, grid.height],
+                "kept_tokens": stats.kept_tokens,
+                "total_tokens": stats.total_tokens,
+                "kept_ratio": round(stats.kept_ratio, 4),
+                "kv_tokens": stats.kv_tokens,
+                "prefill_s": round(prefill_s, 3),
+                "ttft_s": round(answer.prefill_seconds, 3),
+                "answer_s": round(answer.total_seconds, 3),
+                "answer_tokens": len(answer.token_ids),
+            }
+        )
+    )
+    return 0
+
+
+def _open_session(args: argparse.Namespace, grid, threshold: float):
+    from livelens.model.loading import load_model
+    from livelens.model.runner import ModelRunner
+    from livelens.model.session import VideoSession
+
+    loaded = load_model(args.model, device=args.device)
+    return VideoSession(
+        ModelRunner(loaded), height=grid.height, width=grid.width, threshold=threshold
+    )
+
+
+def _ingest(session, frames, chunk: int) -> float:
+    """Feed sampled frames to the session in chunks; returns seconds spent in the model."""
+    from tqdm import tqdm
+
+    duration = frames.source.duration
+    model_seconds = 0.0
+    bar = tqdm(
+        total=round(duration, 1) if duration else None,
+        unit="s",
+        desc="ingest",
+        file=sys.stderr,
+        disable=None,  # no bar without a terminal (CI logs)
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total_fmt} media s {postfix}",
+    )
+    images: list[np.ndarray] = []
+    times: list[float] = []
+
+    def flush() -> None:
+        nonlocal model_seconds
+        started = time.perf_counter()
+        session.append(np.stack(images), times)
+        model_seconds += time.perf_counter() - started
+        bar.update(round(times[-1] - bar.n, 1))
+        bar.set_postfix_str(f"kept {session.stats.kept_ratio:.0%}")
+        images.clear()
+        times.clear()
+
+    with bar:
+        for frame in frames:
+            images.append(frame.image)
+            times.append(frame.time)
+            if len(images) == chunk:
+                flush()
+        if images:
+            flush()
+    return model_seconds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    _quiet_libraries(args.verbose)
+    from livelens.model.loading import ModelLoadError
+    from livelens.model.session import SessionError
+
+    try:
+        if args.command == "ask":
+            return cmd_ask(args)
+    except (UsageError, SourceError, ModelLoadError, SessionError) as exc:
+        print(f"livelens: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    if not verbose:
+        transformers.utils.logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
