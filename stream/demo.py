@@ -19,8 +19,11 @@ import numpy as np
 from livelens.stream import cli
 
 
-def make_scene(path: Path, *, seconds: int = 12, fps: int = 10) -> Path:
-    """A static car park with a white van that drives in at 3 s and parks at 6 s (H.264 mp4)."""
+def make_scene(path: Path, *, seconds: int = 12, fps: int = 10, sensor_noise: float = 0.0) -> Path:
+    """A static car park with a white van that drives in at 3 s and parks at 6 s (H.264 mp4).
+
+    sensor_noise: std of per-frame Gaussian pixel noise, as a real camera sensor adds.
+    """
     width, height = 448, 252
     rng = np.random.default_rng(0)
     ground = np.full((height, width, 3), (90, 90, 96), np.uint8)
@@ -32,6 +35,9 @@ def make_scene(path: Path, *, seconds: int = 12, fps: int = 10) -> Path:
         for i in range(seconds * fps):
             t = i / fps
             frame = ground.copy()
+            if sensor_noise:
+                noise = rng.normal(0, sensor_noise, frame.shape)
+                frame = np.clip(frame + noise, 0, 255).astype(np.uint8)
             if t >= 3:
                 x = int(min(t - 3, 3) / 3 * 260)  # drives in for 3 s, then parks
                 frame[140:200, x : x + 120] = (235, 235, 235)
