@@ -110,7 +110,12 @@ def _native_dir(path: Path, cache_dir: Path) -> Path:
     dst = cache_dir / "converted" / f"{path.name}-{ident.hexdigest()[:16]}"
     if not (dst / "config.json").is_file():
         logger.info("converting remote-code checkpoint %s to the native format at %s", path, dst)
-        convert_checkpoint(path, dst)
+        try:
+            convert_checkpoint(path, dst)
+        except OSError:
+            # Another process may have finished the same conversion first (atomic rename).
+            if not (dst / "config.json").is_file():
+                raise
     return dst
 
 
