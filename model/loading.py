@@ -61,7 +61,7 @@ def resolve_checkpoint(spec: str, cache_dir: Path | None = None) -> Path:
 
         return tiny_checkpoint(cache_dir)
     path = Path(spec).expanduser()
-    if path.exists():
+    if spec.strip() and path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{spec}: not a model directory (no config.json)")
         return _native_dir(path, cache_dir)
