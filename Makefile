@@ -9,6 +9,8 @@ TORCH  ?= torch==2.13.0
 .PHONY: venv demo test lint format
 
 $(VENV)/.installed: pyproject.toml
+	@python3 -c "import ensurepip, venv" 2>/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq python3-venv python3-pip)
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH)"
