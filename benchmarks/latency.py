@@ -37,8 +37,12 @@ ARCHS = {
 }
 
 
-def random_arch(name: str, device: str) -> LoadedModel:
-    """The real 2B/7B architecture with random weights and the tiny tokenizer (no download)."""
+def random_arch(name: str, device: str, layers: int | None = None) -> LoadedModel:
+    """The real 2B/7B architecture with random weights and the tiny tokenizer (no download).
+
+    `layers` cuts text and vision depth: per-layer widths (and so the weights-to-KV-attention
+    balance that decides how TTFT grows with the stream) stay the real ones.
+    """
     from transformers import Qwen2Config, VideoLlama3Config, VideoLlama3ForConditionalGeneration
     from transformers.models.video_llama_3.configuration_video_llama_3 import (
         VideoLlama3VisionConfig,
@@ -51,7 +55,7 @@ def random_arch(name: str, device: str) -> LoadedModel:
     text = Qwen2Config(
         vocab_size=151936,
         hidden_size=spec["hidden"],
-        num_hidden_layers=spec["layers"],
+        num_hidden_layers=layers or spec["layers"],
         num_attention_heads=spec["heads"],
         num_key_value_heads=spec["kv_heads"],
         intermediate_size=spec["inter"],
@@ -62,7 +66,7 @@ def random_arch(name: str, device: str) -> LoadedModel:
     vision = VideoLlama3VisionConfig(
         hidden_size=v_hidden,
         intermediate_size=v_inter,
-        num_hidden_layers=v_layers,
+        num_hidden_layers=min(layers or v_layers, v_layers),
         num_attention_heads=v_heads,
         patch_size=14,
     )
@@ -151,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="model spec for load_model")
     parser.add_argument("--arch", choices=sorted(ARCHS), help="random-weight real architecture")
+    parser.add_argument("--layers", type=int, help="with --arch: text/vision depth override")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--frames", default="10,100,600")
     parser.add_argument("--height", type=int, default=112)
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     points = sorted(int(x) for x in args.frames.split(","))
 
-    loaded = random_arch(args.arch, args.device) if args.arch else load_model(
+    loaded = random_arch(args.arch, args.device, args.layers) if args.arch else load_model(
         args.model, device=args.device
     )  # fmt: skip
     frames = synthetic_frames(points[-1], args.height, args.width)
@@ -190,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"... {n} frames done", file=sys.stderr, flush=True)
 
     name = f"random-{args.arch}" if args.arch else args.model
+    if args.arch and args.layers:
+        name += f", {args.layers} layers"
     device = torch.cuda.get_device_name() if loaded.device.type == "cuda" else platform.processor()
     print(f"# Question latency vs stream length ({name}, {args.device}: {device or 'cpu'})")
     print(

@@ -8,8 +8,9 @@ and visual features can be masked by DiffFP before they enter the LLM.
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache
 
+from livelens.model.kv import new_session_cache
 from livelens.model.loading import LoadedModel
 
 
@@ -25,8 +26,8 @@ class ModelRunner:
         self.merge_size = 2
         self.patch_size = int(self.model.config.vision_config.patch_size)
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.model.config.text_config)
+    def new_cache(self) -> Cache:
+        return new_session_cache(self.model.config.text_config)
 
     @torch.inference_mode()
     def encode_frames(self, patches: torch.Tensor, frames: int, gh: int, gw: int) -> torch.Tensor:
@@ -50,7 +51,7 @@ class ModelRunner:
         return self._embed(torch.tensor(ids, device=self.device, dtype=torch.long))
 
     @torch.inference_mode()
-    def prefill(self, embeds: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    def prefill(self, embeds: torch.Tensor, cache: Cache) -> torch.Tensor:
         """Run (L, D) embeddings through the decoder, appending to `cache`; returns last hidden."""
         out = self.model.model.language_model(
             inputs_embeds=embeds.unsqueeze(0).to(self.dtype), cache=cache, use_cache=True

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from livelens.model.grounding import Segment, parse_segments
+from livelens.model.kv import reserved_bytes
 from livelens.model.prompt import PromptFormat
 from livelens.model.pruner import DiffFramePruner
 from livelens.model.runner import ModelRunner
@@ -275,11 +276,8 @@ class VideoSession:
         return list(self._prompt.ids)
 
     def kv_bytes(self) -> int:
-        return sum(
-            layer.keys.nbytes + layer.values.nbytes
-            for layer in self.cache.layers
-            if getattr(layer, "keys", None) is not None
-        )
+        """Device memory held by this session's KV cache (including reserved growth)."""
+        return reserved_bytes(self.cache)
 
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
