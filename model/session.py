@@ -128,6 +128,7 @@ class VideoSession:
         self.times: list[float] = []
         self.kept_per_frame: list[int] = []
         self._prompt = _Prompt(pending=self.prompt.prefix)
+        self.last_answer: Answer | None = None
         text_config = runner.model.config.text_config
         self.max_tokens = int(text_config.max_position_embeddings)
         self._eos_ids = self._stop_ids()
@@ -250,6 +251,7 @@ class VideoSession:
         """Blocking form of `ask`."""
         for _ in self.ask(question, params):
             pass
+        assert self.last_answer is not None
         return self.last_answer
 
     def _prefill_question(self, question: str) -> torch.Tensor:
