@@ -84,6 +84,11 @@ def _check_args(
             )
         if prev.device != frames.device:
             raise ValueError(f"prev is on {prev.device} but frames are on {frames.device}")
+    check_prune_params(threshold, min_tokens)
+
+
+def check_prune_params(threshold: float, min_tokens: int) -> None:
+    """Raise ValueError unless threshold is a finite real >= 0 and min_tokens an int >= 0."""
     if isinstance(threshold, bool) or not isinstance(threshold, int | float):
         raise ValueError(f"threshold must be a real number, got {threshold!r}")
     if not math.isfinite(threshold) or threshold < 0:

@@ -6,11 +6,9 @@ the last frame of every chunk is kept in a preallocated buffer for the next call
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from livelens.kernels.diffp import DiffFPOutput, diffp
+from livelens.kernels.diffp import DiffFPOutput, check_prune_params, diffp
 
 
 class DiffFramePruner:
@@ -24,10 +22,7 @@ class DiffFramePruner:
         device: torch.device | str = "cpu",
         out_dtype: torch.dtype = torch.float32,
     ) -> None:
-        if not math.isfinite(threshold) or threshold < 0:
-            raise ValueError(f"prune threshold must be a finite number >= 0, got {threshold}")
-        if min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
+        check_prune_params(threshold, min_tokens)  # fail at session start, not on frame 1
         self.threshold = threshold
         self.min_tokens = min_tokens
         self.device = torch.device(device)

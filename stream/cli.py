@@ -25,23 +25,15 @@ class UsageError(ValueError):
     """A command-line value is out of range; reported as one line."""
 
 
-def _positive_float(name: str, value: str) -> float:
+def _number(flag: str, value: str, *, zero_ok: bool) -> float:
+    """Parse a finite number for `flag`: > 0, or >= 0 when zero_ok."""
     try:
         number = float(value)
     except ValueError:
-        raise UsageError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(number) or number <= 0:
-        raise UsageError(f"{name} must be a finite number > 0, got {value}")
-    return number
-
-
-def _threshold(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise UsageError(f"--prune-threshold must be a number, got {value!r}") from None
-    if not math.isfinite(number) or number < 0:
-        raise UsageError(f"--prune-threshold must be a finite number >= 0, got {value}")
+        raise UsageError(f"{flag} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or number < 0 or (number == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise UsageError(f"{flag} must be a finite number {bound}, got {value}")
     return number
 
 
@@ -92,8 +84,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from livelens.stream.ingest import sample_file
 
     question = VideoSession.validate_question(args.question)
-    fps = _positive_float("--fps", args.fps)
-    threshold = _threshold(args.prune_threshold)
+    fps = _number("--fps", args.fps, zero_ok=False)
+    threshold = _number("--prune-threshold", args.prune_threshold, zero_ok=True)
     if args.tokens_per_frame <= 0:
         raise UsageError(f"--tokens-per-frame must be > 0, got {args.tokens_per_frame}")
     if args.chunk <= 0:
