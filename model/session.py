@@ -75,13 +75,15 @@ class Answer:
     total_seconds: float
 
 
-@dataclass
+@dataclass(frozen=True)
 class SessionStats:
-    frames: int = 0
-    kept_tokens: int = 0
-    total_tokens: int = 0
-    kv_tokens: int = 0
-    last_time: float | None = None
+    """A snapshot, derived from the session's frame records and cache."""
+
+    frames: int
+    kept_tokens: int
+    total_tokens: int
+    kv_tokens: int
+    last_time: float | None
 
     @property
     def kept_ratio(self) -> float:
@@ -124,7 +126,6 @@ class VideoSession:
             threshold=threshold, min_tokens=min_tokens, device=runner.device
         )
         self.cache = runner.new_cache()
-        self.stats = SessionStats()
         self.times: list[float] = []
         self.kept_per_frame: list[int] = []
         self._prompt = _Prompt(pending=self.prompt.prefix)
@@ -147,7 +148,7 @@ class VideoSession:
 
         pieces: list[torch.Tensor] = []
         for i, (t, n) in enumerate(zip(times, counts, strict=True)):
-            self._prompt.pending += self.prompt.frame_label(self.stats.frames + i, t)
+            self._prompt.pending += self.prompt.frame_label(len(self.times) + i, t)
             if n == 0:
                 continue  # the label text joins the next text segment, as in the full prompt
             ids = self._tokenize(self._prompt.pending)
@@ -155,22 +156,18 @@ class VideoSession:
             self._prompt.ids += ids + [self.runner.loaded.video_token_id] * n
             pieces += [self.runner.embed_tokens(ids), feats[i][keep[i]]]
         new_tokens = sum(p.shape[0] for p in pieces)
-        if self.stats.kv_tokens + new_tokens + ANSWER_RESERVE_TOKENS > self.max_tokens:
+        held = self.cache.get_seq_length()
+        if held + new_tokens + ANSWER_RESERVE_TOKENS > self.max_tokens:
             raise SessionError(
-                f"session context is full ({self.stats.kv_tokens} of {self.max_tokens} tokens); "
+                f"session context is full ({held} of {self.max_tokens} tokens); "
                 "lower --fps or raise --prune-threshold"
             )
         if pieces:
             self.runner.prefill(torch.cat(pieces), self.cache)
 
         kept = int(sum(counts))
-        self.times += list(times)
+        self.times += [float(t) for t in times]
         self.kept_per_frame += counts
-        self.stats.frames += len(times)
-        self.stats.kept_tokens += kept
-        self.stats.total_tokens += len(times) * self.tokens_per_frame
-        self.stats.kv_tokens = self.cache.get_seq_length()
-        self.stats.last_time = float(times[-1])
         return AppendResult(
             frames=len(times),
             kept_tokens=kept,
@@ -188,7 +185,7 @@ class VideoSession:
             )
         if len(times) != frames.shape[0] or not times:
             raise SessionError(f"{frames.shape[0]} frames but {len(times)} timestamps")
-        last = self.stats.last_time
+        last = self.times[-1] if self.times else None
         for t in times:
             if not math.isfinite(t) or t < 0 or (last is not None and t <= last):
                 raise SessionError(f"frame times must increase from 0; got {t} after {last}")
@@ -236,7 +233,7 @@ class VideoSession:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         if len(text) > len(emitted):
             yield text[len(emitted) :]
-        end = self.stats.last_time or 0.0
+        end = self.times[-1]
         self.last_answer = Answer(
             question=question,
             text=text,
@@ -256,7 +253,7 @@ class VideoSession:
 
     def _prefill_question(self, question: str) -> torch.Tensor:
         question = self.validate_question(question)
-        if self.stats.frames == 0:
+        if not self.times:
             raise SessionError("the session has no frames yet")
         ids = self._tokenize(self._prompt.pending + self.prompt.question_text(question))
         return self.runner.prefill(self.runner.embed_tokens(ids), self.cache)
@@ -272,6 +269,16 @@ class VideoSession:
         return question
 
     # ---------------------------------------------------------------- helpers
+    @property
+    def stats(self) -> SessionStats:
+        return SessionStats(
+            frames=len(self.times),
+            kept_tokens=sum(self.kept_per_frame),
+            total_tokens=len(self.times) * self.tokens_per_frame,
+            kv_tokens=self.cache.get_seq_length(),
+            last_time=self.times[-1] if self.times else None,
+        )
+
     @property
     def prompt_ids(self) -> list[int]:
         """Token ids committed to the cache so far (the video-only prefix)."""
