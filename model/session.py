@@ -98,6 +98,29 @@ class _Prompt:
     pending: str = ""
 
 
+class _IncrementalDetokenizer:
+    """Text deltas of a growing token list, decoding only a short window per token.
+
+    Re-decoding the whole answer per token is O(n^2). Decoding from `prefix` (the last emitted
+    boundary) keeps byte-level merges and spacing right; a trailing U+FFFD means a UTF-8
+    character is still incomplete, so it waits for the next token.
+    """
+
+    def __init__(self, tokenizer: object) -> None:
+        self.tokenizer = tokenizer
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, ids: list[int]) -> str:
+        decode = self.tokenizer.decode  # type: ignore[attr-defined]
+        before = decode(ids[self.prefix : self.read], skip_special_tokens=True)
+        after = decode(ids[self.prefix :], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(ids)
+        return after[len(before) :]
+
+
 class VideoSession:
     """A live stream's frames resident in the LLM KV cache, ready for questions."""
 
@@ -212,6 +235,7 @@ class VideoSession:
         generator = self._generator(params.seed)
         ids: list[int] = []
         emitted = ""
+        detok = _IncrementalDetokenizer(self.tokenizer)
         try:
             logits = self.runner.logits(self._prefill_question(question))
             prefill_seconds = time.perf_counter() - started
@@ -220,19 +244,18 @@ class VideoSession:
                 if token in self._eos_ids:
                     break
                 ids.append(token)
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                # Hold back a partial UTF-8 character until its remaining bytes arrive.
-                if not text.endswith("\ufffd") and len(text) > len(emitted):
-                    yield text[len(emitted) :]
-                    emitted = text
+                delta = detok.push(ids)
+                if delta:
+                    emitted += delta
+                    yield delta
                 if step + 1 < params.max_new_tokens:
                     hidden = self.runner.prefill(self.runner.embed_tokens([token]), self.cache)
                     logits = self.runner.logits(hidden)
         finally:
             self._crop(video_len)
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if len(text) > len(emitted):
-            yield text[len(emitted) :]
+        if text.startswith(emitted) and len(text) > len(emitted):
+            yield text[len(emitted) :]  # characters held back at the end
         end = self.times[-1]
         self.last_answer = Answer(
             question=question,

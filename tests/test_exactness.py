@@ -143,6 +143,18 @@ def test_answer_stream_closed_early_restores_cache(tiny_model, reference):
     assert session.cache.get_seq_length() == video_len
 
 
+def test_streamed_pieces_join_to_the_answer_text(tiny_model, reference):
+    frames, times, _ = reference
+    session = _stream(tiny_model, frames, times, 7)
+    # Sampling at a high temperature emits split UTF-8 byte tokens, the case that must be held back.
+    params = SamplingParams(max_new_tokens=200, temperature=2.0, seed=1)
+    pieces = list(session.ask(QUESTION, params))
+    answer = session.last_answer
+    assert "".join(pieces) == answer.text
+    assert answer.text == tiny_model.tokenizer.decode(answer.token_ids, skip_special_tokens=True)
+    assert len(pieces) > 10
+
+
 def test_sampling_is_seeded(tiny_model, reference):
     frames, times, _ = reference
     session = _stream(tiny_model, frames, times, 7)
