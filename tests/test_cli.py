@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from videos import make_audio_only, make_video, truncate
 
+from livelens.model.grounding import parse_segments
 from livelens.stream.cli import main
 
 
@@ -50,8 +51,10 @@ def test_ask_prints_answer_segments_and_stats(capsys, clip):
     assert code == 0
     lines = out.splitlines()
     segments = json.loads(lines[-2].removeprefix("segments: "))
-    assert isinstance(segments, list)
     stats = json.loads(lines[-1].removeprefix("stats: "))
+    answer = "\n".join(lines[:-2])
+    expected = parse_segments(answer, stream_start=0.0, stream_end=stats["media_seconds"])
+    assert segments == [{"start": seg.start, "end": seg.end} for seg in expected]
     # 40 frames at 10 fps sampled at 2 fps: media times 0.0, 0.5, ..., 3.5.
     assert stats["frames"] == 8
     assert stats["media_seconds"] == pytest.approx(3.5)
