@@ -10,6 +10,7 @@ if not os.path.exists("/dev/nvidia0"):
 
 import pytest
 import torch
+from redis_server import redis_server  # noqa: F401  (fixture: a real redis-server per test)
 
 torch.manual_seed(0)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
