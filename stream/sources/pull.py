@@ -1,0 +1,651 @@
+"""Pull a live source (RTSP, HLS or other HTTP stream, or a local file) and decode it in a thread.
+
+Every video frame is decoded and handed to `on_frame` with a media time that starts at 0.0 and
+only increases, across reconnects too: the first frame after an outage is placed at the last
+frame's time plus the wall-clock time the outage took, so the timeline keeps wall-clock meaning
+and the outage is reported as a gap. What happens to the source (connected, gap, reconnecting,
+ended, failed) arrives as SourceEvents on `on_event`, from the same thread.
+
+Failure policy: every failure of a network source (refused, timed out, dropped, HTTP error,
+garbage that is not a media stream) is retried with exponential backoff until it has lasted
+`give_up_after_s`; a server can serve an error page or half a stream while it restarts, so
+InvalidDataError is retried too. Permanent failures end the source at once: a stream that opens
+but has no video stream (or no decoder for it), and every failure of a local file.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import av
+import av.stream
+from av.container import InputContainer
+
+from livelens.stream.errors import SourceError
+from livelens.stream.sources.file import DecodedFrame
+
+logger = logging.getLogger(__name__)
+
+NETWORK_SCHEMES = frozenset({"rtsp", "rtsps", "http", "https"})
+EVENT_KINDS = frozenset({"connected", "gap", "reconnecting", "ended", "failed"})
+
+# Probe only half a second of a live stream when opening: FFmpeg's default (5 s) makes an HLS
+# open at the live edge wait for segments that do not exist yet; codec and size come from the
+# first keyframe's parameter sets anyway.
+_LIVE_ANALYZE_US = 500_000
+# A local file that fails this many reads in a row without producing a packet is stuck.
+_MAX_CONSECUTIVE_DEMUX_ERRORS = 32
+# Each kind of problem is logged at warning this many times per source, then only counted.
+_MAX_WARNINGS_PER_KIND = 5
+# Frame spacing assumed when a stream carries no timestamps and no frame rate (FFmpeg's default).
+_FALLBACK_FRAME_DURATION = Fraction(1, 25)
+# A live stream whose timestamps jump back this far restarted its clock (encoder restart, MPEG-TS
+# wrap): the timeline is re-anchored instead of dropping every frame until it catches up.
+_DISCONTINUITY = Fraction(1)
+# A read that took this long waited for data (a buffered packet comes back in microseconds).
+_WAITED_S = 0.005
+# PyAV's HTTP error classes share no base class below FFmpegError.
+_HTTP_ERRORS = (av.error.HTTPError, av.error.HTTPClientError, av.error.HTTPServerError)
+# Backoff jitter, as a fraction of the delay, so sources that dropped together do not retry
+# in lockstep.
+_JITTER = 0.1
+
+
+@dataclass(frozen=True)
+class PullConfig:
+    """How a pull source reconnects, times out and paces; validated on creation."""
+
+    reconnect_initial_s: float = 0.5
+    """Wait before the first reconnect; doubled after each failed attempt."""
+    reconnect_max_s: float = 10.0
+    """Longest wait between reconnect attempts."""
+    give_up_after_s: float = 60.0
+    """A network source failing continuously for this long is failed (no frame in between)."""
+    open_timeout_s: float = 10.0
+    """Connect and read timeout: FFmpeg's socket timeouts, and the longest one open or read may
+    block. A live source that delivers nothing for this long counts as dropped, so keep it above
+    the HLS segment duration. It also bounds how long stop() waits for a blocked read."""
+    realtime: bool = True
+    """Local files only: deliver frames at their media rate, as a live stream would arrive."""
+    loop: bool = False
+    """Local files only: start over at the end; media time keeps increasing."""
+
+    def __post_init__(self) -> None:
+        for name in ("reconnect_initial_s", "reconnect_max_s", "open_timeout_s"):
+            value = getattr(self, name)
+            if not value > 0 or value == float("inf"):
+                raise ValueError(f"{name} must be positive and finite, got {value!r}")
+        if not self.give_up_after_s >= 0:
+            raise ValueError(f"give_up_after_s must be >= 0, got {self.give_up_after_s!r}")
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError(
+                f"reconnect_max_s ({self.reconnect_max_s}) is below reconnect_initial_s "
+                f"({self.reconnect_initial_s})"
+            )
+
+
+@dataclass(frozen=True)
+class SourceEvent:
+    """Something that happened to a pull source; `kind` is one of EVENT_KINDS."""
+
+    kind: str
+    message: str
+    gap: tuple[float, float] | None = None
+    """For "gap": media seconds (last frame before the outage, first frame after it)."""
+
+
+@dataclass
+class PullStats:
+    """Counters of a pull source; `PullSource.stats` returns a snapshot."""
+
+    connects: int = 0
+    """Successful opens (each one emitted a "connected" event)."""
+    reconnects: int = 0
+    """Reconnect attempts scheduled after a failure (each one a "reconnecting" event)."""
+    loops: int = 0
+    """Times a looping file started over."""
+    packets: int = 0
+    """Video packets read."""
+    frames: int = 0
+    """Frames delivered to on_frame."""
+    corrupt_packets: int = 0
+    """Packets the demuxer flagged corrupt; still decoded (decoders conceal damage)."""
+    decode_errors: int = 0
+    """Packets the decoder rejected; skipped."""
+    demux_errors: int = 0
+    """Read errors: a dropped connection for a network source, a resync for a file."""
+    dropped_frames: int = 0
+    """Frames dropped because their time was not after the previous frame's."""
+    gaps: list[tuple[float, float]] = field(default_factory=list)
+    """Media-time (start, end) of every outage, as in the "gap" events."""
+    last_error: str | None = None
+    """The most recent failure's reason."""
+
+
+class _Failure(Exception):
+    """A connection could not be opened or was lost; `permanent` means retrying cannot help."""
+
+    def __init__(self, reason: str, *, permanent: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.permanent = permanent
+
+
+@dataclass
+class _Connection:
+    """One open container and where its timestamps sit on the media timeline."""
+
+    container: InputContainer
+    stream: av.VideoStream
+    after_drop: bool
+    """The first frame follows an outage: it opens a gap."""
+    duration: float | None
+    """Seconds, when the source says (a file, a VOD playlist, an RTSP clip); None when live."""
+    start: tuple[Fraction, Fraction] | None = None
+    """(stream time, media time) of the anchor frame; media = anchor media + stream - anchor."""
+    previous: Fraction | None = None
+    """Stream time of the previous frame (to extrapolate frames that carry no timestamp)."""
+    frames: int = 0
+    quiet_since: float = field(default_factory=time.monotonic)
+    """Monotonic time the last read that had to wait for data began: the source ran dry then."""
+
+    def step(self) -> Fraction:
+        """Nominal frame spacing of the stream."""
+        rate = self.stream.average_rate or self.stream.guessed_rate
+        return 1 / Fraction(rate) if rate else _FALLBACK_FRAME_DURATION
+
+
+class PullSource:
+    """Decode a live source's first video stream in a daemon thread; start(), then stop()."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        on_frame: Callable[[DecodedFrame], None],
+        on_event: Callable[[SourceEvent], None],
+        config: PullConfig | None = None,
+    ) -> None:
+        self.url = url
+        self.name = _redact(url)
+        """The URL with any password masked: what messages and logs show."""
+        self.config = config if config is not None else PullConfig()
+        self.is_network = _check_source(url, self.name)
+        self._on_frame = on_frame
+        self._on_event = on_event
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stats = PullStats()
+        self._warned: dict[str, int] = {}
+        # Timeline, touched only by the source thread: exact rationals, as in FileSource.
+        self._last: Fraction | None = None
+        self._quiet_since = 0.0
+        self._pace_origin: float | None = None
+
+    @property
+    def stats(self) -> PullStats:
+        """A snapshot of the counters (safe to read from any thread)."""
+        return replace(self._stats, gaps=list(self._stats.gaps))
+
+    @property
+    def running(self) -> bool:
+        """True while the source thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Start the source thread; a source starts once."""
+        if self._thread is not None:
+            raise RuntimeError("PullSource.start() can be called only once")
+        self._thread = threading.Thread(target=self._run, name=f"pull {self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread and wait up to `timeout` s for it; no callback runs after it returns.
+
+        Between packets, in backoff and in realtime pacing the thread stops at once. A read
+        blocked inside FFmpeg cannot be cut short safely (closing the container under a running
+        av_read_frame is a use-after-free), so it ends at the FFmpeg timeout (open_timeout_s);
+        the thread then exits without further callbacks.
+        """
+        self._stop.set()
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return
+        thread.join(timeout)
+        if thread.is_alive():
+            logger.warning(
+                "pull %s: still blocked in a read after %.1f s; it exits within %.1f s",
+                self.name,
+                timeout,
+                self.config.open_timeout_s,
+            )
+
+    # --- the source thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception as exc:  # the thread must never die silently
+            logger.exception("pull %s: unexpected error in the source thread", self.name)
+            reason = f"unexpected error pulling {self.name}: {type(exc).__name__}: {exc}"
+            self._stats.last_error = reason
+            try:
+                self._emit("failed", reason)
+            except Exception:
+                logger.exception("pull %s: on_event raised while reporting a failure", self.name)
+
+    def _serve(self) -> None:
+        """Open, read, and on failure back off and reopen until stopped, ended or failed."""
+        failing_since: float | None = None
+        attempt = 0
+        while not self._stop.is_set():
+            frames_before = self._stats.frames
+            attempt_started = time.monotonic()
+            try:
+                ended = self._connect_and_read()
+            except _Failure as failure:
+                reason, permanent = failure.reason, failure.permanent
+            else:
+                if self._stop.is_set():
+                    return
+                if ended is not None:
+                    self._emit("ended", ended)
+                    return
+                continue  # a looping file starts over
+            if self._stop.is_set():
+                return
+            self._stats.last_error = reason
+            if permanent:
+                self._emit("failed", reason)
+                return
+            now = time.monotonic()
+            if self._stats.frames > frames_before:
+                # The connection delivered frames: a new failing period starts with its loss.
+                failing_since, attempt = now, 0
+            elif failing_since is None:
+                failing_since = attempt_started
+            failing_for = now - failing_since
+            give_up = self.config.give_up_after_s
+            if failing_for >= give_up:
+                self._emit("failed", f"{reason} (failing for {failing_for:.1f} s, gave up)")
+                return
+            # Never sleep past the give-up time: the last attempt is made right at it.
+            delay = min(self._backoff(attempt), give_up - failing_for)
+            attempt += 1
+            self._stats.reconnects += 1
+            self._emit("reconnecting", f"{reason}; reconnecting in {delay:.1f} s")
+            if self._stop.wait(delay):
+                return
+
+    def _backoff(self, attempt: int) -> float:
+        cfg = self.config
+        delay = min(cfg.reconnect_max_s, cfg.reconnect_initial_s * 2.0 ** min(attempt, 60))
+        return delay * (1 + _JITTER * random.random())
+
+    def _connect_and_read(self) -> str | None:
+        """One connection, read to its end: the "ended" message, or None for a file loop.
+
+        Raises _Failure when it cannot open, is lost, or (live source) reaches its end.
+        """
+        conn = self._open()
+        try:
+            # A looping file reopens; that is neither a new connection nor worth an event.
+            if self.is_network or self._stats.connects == 0:
+                self._stats.connects += 1
+                ctx = conn.stream.codec_context
+                self._emit("connected", f"{self.name}: {ctx.name} {ctx.width}x{ctx.height}")
+            self._read(conn)
+        finally:
+            conn.container.close()
+            if conn.frames:
+                self._quiet_since = conn.quiet_since
+        if self._stop.is_set():
+            return None
+        if conn.frames == 0:
+            if not self.is_network:
+                raise _Failure(
+                    f"no video frame could be decoded from {self.name} ({self._problems()})",
+                    permanent=True,
+                )
+            raise _Failure(f"stream ended before any frame: {self.name}")
+        if not self.is_network:
+            if self.config.loop:
+                self._stats.loops += 1
+                logger.debug("pull %s: looping (pass %d)", self.name, self._stats.loops + 1)
+                return None
+            return f"end of file: {self.name} ({self._stats.frames} frames)"
+        if conn.duration is not None:
+            # A stream with a known duration (VOD playlist, RTSP clip) is finite: its end is
+            # the end. A live stream has none, and its end is an outage.
+            return f"end of stream: {self.name} ({conn.duration:.1f} s)"
+        raise _Failure(f"stream ended: {self.name}")
+
+    def _open(self) -> _Connection:
+        if self.is_network:
+            target, timeout = self.url, self.config.open_timeout_s
+        else:
+            # "file:" keeps a path with a colon in it from being read as a protocol name.
+            target, timeout = "file:" + str(Path(self.url).resolve()), None
+        try:
+            container = av.open(
+                target,
+                options=self._options(),
+                timeout=timeout,
+                metadata_errors="replace",
+            )
+        except (av.FFmpegError, OSError) as exc:
+            raise _Failure(self._describe(exc), permanent=not self.is_network) from None
+        try:
+            stream = self._pick_video_stream(container)
+        except _Failure:
+            container.close()
+            raise
+        ctx = stream.codec_context
+        # Files decode ahead with frame threads; live sources use slice threads only, since
+        # frame threading holds back one frame per thread and adds that much latency.
+        ctx.thread_type = "SLICE" if self.is_network else "AUTO"
+        duration = container.duration / av.time_base if container.duration is not None else None
+        # Every network connection but the first follows a failure: its first frame opens a gap.
+        after_drop = self.is_network and self._last is not None
+        return _Connection(container, stream, after_drop, duration)
+
+    def _options(self) -> dict[str, str]:
+        if not self.is_network:
+            return {}
+        timeout_us = str(round(self.config.open_timeout_s * 1e6))
+        options = {"analyzeduration": str(_LIVE_ANALYZE_US)}
+        if urlsplit(self.url).scheme.lower() in ("rtsp", "rtsps"):
+            # TCP interleaving: no UDP ports to open, no loss; `timeout` is the socket timeout.
+            options |= {"rtsp_transport": "tcp", "timeout": timeout_us}
+        else:
+            # rw_timeout reaches the playlist and, through the HLS demuxer, every segment.
+            options |= {"rw_timeout": timeout_us, "live_start_index": "-1"}
+        return options
+
+    def _pick_video_stream(self, container: InputContainer) -> av.VideoStream:
+        # Cover art in audio files is a one-picture "video" stream; it is not video.
+        videos = [
+            s
+            for s in container.streams.video
+            if not s.disposition & av.stream.Disposition.attached_pic
+        ]
+        if not videos:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise _Failure(
+                f"no video stream in {self.name} (streams found: {', '.join(kinds)})",
+                permanent=True,
+            )
+        stream = videos[0]
+        if stream.codec_context is None:
+            raise _Failure(f"no decoder for the video codec of {self.name}", permanent=True)
+        return stream
+
+    def _read(self, conn: _Connection) -> None:
+        """Decode the connection to its end; raise _Failure when a live connection breaks."""
+        lost: _Failure | None = None
+        packets = self._packets(conn)
+        try:
+            for packet in packets:
+                if self._stop.is_set():
+                    return
+                # Empty packets (PyAV's end-of-stream ones) would flush the decoder; see below.
+                if packet.size == 0:
+                    continue
+                self._stats.packets += 1
+                if packet.is_corrupt:
+                    self._stats.corrupt_packets += 1
+                    self._warn("corrupt", "pull %s: corrupt packet at dts %s", packet.dts)
+                for frame in self._decode(conn, packet):
+                    self._deliver(conn, frame, packet)
+                    if self._stop.is_set():
+                        return
+        except _Failure as failure:
+            lost = failure
+        finally:
+            packets.close()
+        # Frames still inside the decoder (B-frame reordering) belong to the stream, also when
+        # the connection broke.
+        for frame in self._decode(conn, None):
+            if self._stop.is_set():
+                return
+            self._deliver(conn, frame, None)
+        if lost is not None:
+            raise lost
+
+    def _packets(self, conn: _Connection) -> Iterator[av.Packet]:
+        """Demux the video stream: a network read error loses the connection; a file resyncs."""
+        failures = 0
+        while True:
+            demux = conn.container.demux(conn.stream)
+            try:
+                while True:
+                    started = time.monotonic()
+                    try:
+                        packet = next(demux, None)
+                    finally:
+                        if time.monotonic() - started >= _WAITED_S:
+                            conn.quiet_since = started
+                    if packet is None:
+                        return
+                    failures = 0
+                    yield packet
+            except (av.FFmpegError, OSError) as exc:
+                if self._stop.is_set():
+                    return
+                self._stats.demux_errors += 1
+                reason = self._describe(exc)
+                if self.is_network:
+                    raise _Failure(f"lost the stream ({reason})") from None
+                failures += 1
+                self._warn("demux", "pull %s: read error: %s", reason)
+                if failures >= _MAX_CONSECUTIVE_DEMUX_ERRORS:
+                    logger.warning(
+                        "pull %s: giving up reading after %d read errors in a row",
+                        self.name,
+                        failures,
+                    )
+                    return
+            finally:
+                demux.close()
+
+    def _decode(self, conn: _Connection, packet: av.Packet | None) -> list[av.VideoFrame]:
+        try:
+            return conn.stream.codec_context.decode(packet)
+        except av.FFmpegError as exc:
+            self._stats.decode_errors += 1
+            where = "at end of stream" if packet is None else f"at dts {packet.dts}"
+            self._warn("decode", "pull %s: decode error %s: %s", where, _reason(exc))
+            return []
+
+    def _deliver(self, conn: _Connection, frame: av.VideoFrame, packet: av.Packet | None) -> None:
+        """Place the frame on the media timeline, pace it (files), and hand it to on_frame."""
+        t = self._timed(conn, frame, packet)
+        if t is None:
+            return
+        if not self.is_network and self.config.realtime:
+            now = time.monotonic()
+            if self._pace_origin is None:
+                self._pace_origin = now - float(t)
+            delay = self._pace_origin + float(t) - now
+            if delay > 0 and self._stop.wait(delay):
+                return
+        if self._stop.is_set():
+            return
+        self._last = t
+        conn.frames += 1
+        self._stats.frames += 1
+        self._on_frame(DecodedFrame(float(t), frame))
+
+    def _timed(
+        self, conn: _Connection, frame: av.VideoFrame, packet: av.Packet | None
+    ) -> Fraction | None:
+        """Media time of a frame; None (dropped) when it is not after the previous frame."""
+        stamp = self._stream_time(conn, frame, packet)
+        conn.previous = stamp
+        if conn.start is None:
+            conn.start = (stamp, self._first_time(conn))
+            return conn.start[1]
+        assert self._last is not None
+        t = conn.start[1] + stamp - conn.start[0]
+        if t > self._last:
+            return t
+        if self.is_network and self._last - t > _DISCONTINUITY:
+            self._warn(
+                "clock",
+                "pull %s: timestamps jumped back %.3f s; timeline re-anchored",
+                float(self._last - t),
+            )
+            conn.start = (stamp, self._last + conn.step())
+            return conn.start[1]
+        self._stats.dropped_frames += 1
+        self._warn(
+            "time",
+            "pull %s: dropped a frame: time %.3f s is not after %.3f s",
+            float(t),
+            float(self._last),
+        )
+        return None
+
+    def _first_time(self, conn: _Connection) -> Fraction:
+        """Media time of a connection's first frame: 0, after an outage, or after a loop."""
+        if self._last is None:
+            return Fraction(0)
+        if conn.after_drop:
+            # The outage in wall-clock time, so the timeline keeps its wall-clock meaning. It is
+            # counted from when the source ran dry, not from the last frame: the demuxer (an
+            # MPEG-TS packet ends when the next begins) and the decoder (reordering) hold the
+            # last frames back until the drop is detected, a whole HLS reload interval later.
+            # For a steady stream the two are the same.
+            elapsed = Fraction(round((time.monotonic() - self._quiet_since) * 1e6), 10**6)
+            start = self._last + max(elapsed, Fraction(1, 1000))
+            gap = (float(self._last), float(start))
+            self._stats.gaps.append(gap)
+            self._emit("gap", f"{self.name}: outage of {gap[1] - gap[0]:.2f} s", gap=gap)
+            return start
+        return self._last + conn.step()
+
+    def _stream_time(
+        self, conn: _Connection, frame: av.VideoFrame, packet: av.Packet | None
+    ) -> Fraction:
+        """Stream time of a frame: pts, else dts, else the previous frame's plus one frame."""
+        time_base = frame.time_base or conn.stream.time_base
+        stamp = frame.pts if frame.pts is not None else frame.dts
+        if stamp is None and packet is not None and packet.dts is not None:
+            stamp, time_base = packet.dts, packet.time_base
+        if stamp is not None and time_base is not None:
+            return stamp * time_base
+        if conn.previous is None:
+            return Fraction(0)
+        if frame.duration and time_base is not None:
+            return conn.previous + frame.duration * time_base
+        return conn.previous + conn.step()
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _emit(self, kind: str, message: str, gap: tuple[float, float] | None = None) -> None:
+        if self._stop.is_set():
+            return
+        level = {"failed": logging.ERROR, "reconnecting": logging.WARNING}.get(kind, logging.INFO)
+        logger.log(level, "pull %s: %s", kind, message)
+        self._on_event(SourceEvent(kind, message, gap))
+
+    def _describe(self, exc: BaseException) -> str:
+        """One line saying what went wrong, naming the source."""
+        url, timeout = self.name, self.config.open_timeout_s
+        # ExitError: PyAV's interrupt callback cut an open or read that ran past open_timeout_s;
+        # TimeoutError: FFmpeg's own socket timeout. Whichever fires first, it is a timeout.
+        if isinstance(exc, (av.error.ExitError, TimeoutError)):
+            return f"timed out after {timeout:g} s: {url}"
+        if isinstance(exc, ConnectionRefusedError):
+            return f"connection refused: {url}"
+        if isinstance(exc, ConnectionResetError):
+            return f"connection reset by the server: {url}"
+        if isinstance(exc, av.error.InvalidDataError):
+            return f"not a media stream FFmpeg can read: {url}"
+        if isinstance(exc, _HTTP_ERRORS):
+            reason = _reason(exc)  # "Server returned 404 Not Found"
+            return f"{reason[:1].lower()}{reason[1:]}: {url}"
+        if isinstance(exc, av.error.EOFError):
+            return f"stream ended before its header: {url}"
+        if isinstance(exc, FileNotFoundError):
+            return f"not found: {url}"
+        if isinstance(exc, PermissionError):
+            return f"permission denied: {url}"
+        return f"cannot read {url}: {_reason(exc)}"
+
+    def _problems(self) -> str:
+        s = self._stats
+        return (
+            f"{s.packets} packets, {s.corrupt_packets} corrupt, {s.decode_errors} decode errors, "
+            f"{s.demux_errors} read errors"
+        )
+
+    def _warn(self, kind: str, msg: str, *args: object) -> None:
+        count = self._warned.get(kind, 0) + 1
+        self._warned[kind] = count
+        if count <= _MAX_WARNINGS_PER_KIND:
+            logger.warning(msg, self.name, *args)
+            if count == _MAX_WARNINGS_PER_KIND:
+                logger.warning(
+                    "pull %s: further %s problems are counted, not logged", self.name, kind
+                )
+        else:
+            logger.debug(msg, self.name, *args)
+
+
+def _check_source(url: str, name: str) -> bool:
+    """True for a network URL, False for a local file; SourceError for anything else."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise SourceError(f"malformed URL: {name}") from None
+    scheme = parts.scheme.lower() if "://" in url else ""
+    if scheme in NETWORK_SCHEMES:
+        if not parts.hostname:
+            raise SourceError(f"no host in {name}")
+        return True
+    if scheme:
+        supported = ", ".join(f"{s}://" for s in sorted(NETWORK_SCHEMES))
+        raise SourceError(f"unsupported source {name}: use {supported} or a local file path")
+    path = Path(url)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise SourceError(f"file not found: {url}") from None
+    except PermissionError:
+        raise SourceError(f"permission denied: {url}") from None
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"cannot read {url}: {exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise SourceError(f"is a directory, not a media file: {url}")
+    if stat.S_ISREG(info.st_mode) and info.st_size == 0:
+        raise SourceError(f"empty file (0 bytes): {url}")
+    return False
+
+
+def _redact(url: str) -> str:
+    """The URL with its password (rtsp://user:pass@camera/...) replaced by ***."""
+    if "://" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:  # a malformed port or netloc: nothing to mask reliably
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def _reason(exc: BaseException) -> str:
+    """FFmpeg's short error text without the errno and file name PyAV adds."""
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
