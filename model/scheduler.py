@@ -88,6 +88,7 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.steps = 0
         self.busy_seconds = 0.0
+        self.max_step_seconds = 0.0
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -185,7 +186,9 @@ class Scheduler:
                 work()
             except Exception:  # a bug in a step must not kill the worker for every session
                 logger.exception("model step for session %s failed", key)
-            self.busy_seconds += time.perf_counter() - started
+            took = time.perf_counter() - started
+            self.busy_seconds += took
+            self.max_step_seconds = max(self.max_step_seconds, took)
             self.steps += 1
         with self._cond:
             slots = list(self._slots.values())

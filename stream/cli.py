@@ -75,6 +75,51 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--seed", type=int, default=None)
     ask.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     ask.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help=argparse.SUPPRESS)
+
+    serve = sub.add_parser(
+        "serve", help="run the live service: WHIP/RTSP/HLS ingest, websocket questions, REST"
+    )
+    serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    serve.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"as for `ask` (default {DEFAULT_MODEL})"
+    )
+    serve.add_argument(
+        "--redis-url",
+        default="redis://localhost:6379/0",
+        help="Redis for the session registry and answer history; 'none' = single node, "
+        "in-process only (default redis://localhost:6379/0)",
+    )
+    serve.add_argument("--fps", default="1", help="default frames sampled per media second")
+    serve.add_argument(
+        "--prune-threshold", default="0.1", help="default DiffFP threshold (see `ask`)"
+    )
+    serve.add_argument("--tokens-per-frame", type=int, default=DEFAULT_TOKENS_PER_FRAME)
+    serve.add_argument(
+        "--token",
+        default=None,
+        help="bearer token required for WHIP and /v1 (default: $LIVELENS_TOKEN; none = no auth)",
+    )
+    serve.add_argument("--max-sessions", type=int, default=16, help="live sessions per node")
+    serve.add_argument(
+        "--max-pending-frames",
+        type=int,
+        default=8,
+        help="sampled frames a session may queue for the model before the oldest are dropped",
+    )
+    serve.add_argument("--status-interval", default="2", help="seconds between status messages")
+    serve.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    serve.add_argument(
+        "--cors-origin", default="*", help="Access-Control-Allow-Origin for WHIP (default *)"
+    )
+    serve.add_argument(
+        "--pull-give-up",
+        default="60",
+        help="seconds a pull source may stay unreachable before its session fails (default 60)",
+    )
+    # Tests on one machine publish over 127.0.0.1, which aioice does not gather by default.
+    serve.add_argument("--allow-loopback-ice", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     return parser
 
 
@@ -197,6 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "ask":
             return cmd_ask(args)
+        if args.command == "serve":
+            from livelens.stream.server import serve
+
+            return serve(args, number=_number)
     except (UsageError, SourceError, ModelLoadError, SessionError) as exc:
         print(f"livelens: error: {exc}", file=sys.stderr)
         return 2

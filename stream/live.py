@@ -1,0 +1,393 @@
+"""A live session: decoded frames in (from any source), sampled frames to the model, answers out.
+
+Sources call `push()` for every decoded frame, from their own thread or the event loop; it only
+counts, samples by media time, and converts the few sampled frames to the session grid before
+handing them to the scheduler's bounded buffer. Answers and status go to the watchers (one per
+websocket) through bounded asyncio queues; the model's callbacks hop onto the loop first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import IntEnum
+from typing import Any
+
+from livelens.model.runner import ModelRunner
+from livelens.model.scheduler import FrameCallbacks, QuestionJob, Scheduler
+from livelens.model.session import Answer, AppendResult, SamplingParams, VideoSession
+from livelens.stream.grid import Grid, choose_grid, resize_to_grid
+from livelens.stream.protocol import (
+    AnswerMessage,
+    AskMessage,
+    ErrorMessage,
+    LatencyOut,
+    SegmentOut,
+    StatusMessage,
+    TokenMessage,
+    dump,
+)
+from livelens.stream.sampler import FpsSampler
+from livelens.stream.sources.file import DecodedFrame
+
+logger = logging.getLogger(__name__)
+
+# Messages a watcher may have unread before it counts as stuck and is dropped: a full answer of
+# MAX_NEW_TOKENS tokens plus status messages fits easily.
+WATCHER_QUEUE = 4096
+
+
+class State(IntEnum):
+    """Session lifecycle; anything >= ENDED is finished."""
+
+    STARTING = 0
+    LIVE = 1
+    ENDED = 2
+    FAILED = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+def iso(ts: float) -> str:
+    """Wall-clock seconds since the epoch -> ISO-8601 UTC with milliseconds."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    fps: float
+    prune_threshold: float
+    tokens_per_frame: int
+    min_tokens: int = 1
+
+
+class Watcher:
+    """One websocket's view of a session: a bounded queue of outgoing messages."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(WATCHER_QUEUE)
+        self.jobs: dict[str, QuestionJob] = {}
+        self.overflowed = False
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Queue a message (on the loop); a watcher that stops reading is closed, not waited for."""
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait(message)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            logger.warning("a watcher stopped reading; closing it")
+            self.queue.get_nowait()
+            self.queue.put_nowait(None)
+
+
+HistorySink = Callable[[str, dict[str, Any]], Awaitable[object]]
+"""append_history(session_id, entry), run on the loop when an answer completes."""
+
+
+class LiveSession:
+    """One stream's state from first frame to end; `push` and `finish` are thread-safe."""
+
+    def __init__(
+        self,
+        session_id: str,
+        *,
+        kind: str,
+        source: str,
+        runner: ModelRunner,
+        scheduler: Scheduler,
+        settings: SessionSettings,
+        loop: asyncio.AbstractEventLoop,
+        on_history: HistorySink,
+        on_state: Callable[[LiveSession], None],
+        metrics: Any = None,
+    ) -> None:
+        self.id = session_id
+        self.kind = kind
+        self.source = source
+        self.settings = settings
+        self.created = time.time()
+        self.runner = runner
+        self.scheduler = scheduler
+        self.loop = loop
+        self._on_history = on_history
+        self._on_state = on_state
+        self.metrics = metrics
+        self.state = State.STARTING
+        self.reason: str | None = None
+        self.ended_at: float | None = None
+        self.watchers: set[Watcher] = set()
+        self.sampler = FpsSampler(settings.fps)
+        self.grid: Grid | None = None
+        self.session: VideoSession | None = None
+        self.wall_zero: float | None = None
+        """Wall-clock time of media time 0 (the first frame's arrival)."""
+        self._lock = threading.Lock()
+        self.frames_received = 0
+        self.frames_sampled = 0
+        self.live_edge: float | None = None
+        self.model_closed_reason: str | None = None
+        self.questions_waiting = 0
+        self.gaps: list[tuple[float, float]] = []
+        """Media-time spans (s) the source was down; times continue across them."""
+
+    @property
+    def session_id(self) -> str:
+        return self.id
+
+    # ------------------------------------------------------------ frames in
+    def push(self, decoded: DecodedFrame) -> None:
+        """Take one decoded frame; cheap unless the sampler keeps it."""
+        if self.metrics is not None:
+            self.metrics.frame_received(self.kind)
+        with self._lock:
+            if self.state >= State.ENDED:
+                return
+            self.frames_received += 1
+            self.live_edge = decoded.time
+            if self.wall_zero is None:
+                self.wall_zero = time.time() - decoded.time
+            if not self.sampler.offer(decoded.time):
+                return
+            self.frames_sampled += 1
+            first = self.grid is None
+            if first:
+                self._start_model(decoded)
+        if self.metrics is not None:
+            self.metrics.frame_sampled(self.kind)
+        if first:
+            self.loop.call_soon_threadsafe(self._set_state, State.LIVE, None)
+        if self.grid is None or self.session is None:
+            return
+        # Conversion and resizing only for sampled frames: the rest are never looked at.
+        image = resize_to_grid(decoded.frame, self.grid)
+        self.scheduler.submit_frame(self.id, image, decoded.time)
+
+    def _start_model(self, decoded: DecodedFrame) -> None:
+        height, width = decoded.frame.height, decoded.frame.width
+        try:
+            self.grid = choose_grid(height, width, tokens_per_frame=self.settings.tokens_per_frame)
+            self.session = VideoSession(
+                self.runner,
+                height=self.grid.height,
+                width=self.grid.width,
+                threshold=self.settings.prune_threshold,
+                min_tokens=self.settings.min_tokens,
+            )
+        except ValueError as exc:
+            self.loop.call_soon_threadsafe(
+                self.finish, f"unsupported frame size {width}x{height}: {exc}", True
+            )
+            return
+        self.scheduler.open(
+            self.id, self.session, FrameCallbacks(self._appended, self._append_failed)
+        )
+        logger.info(
+            "session %s: %sx%s -> grid %sx%s (%s tokens/frame)",
+            self.id,
+            width,
+            height,
+            self.grid.width,
+            self.grid.height,
+            self.grid.tokens,
+        )
+
+    def _appended(self, result: AppendResult) -> None:
+        if self.metrics is not None:
+            self.metrics.tokens(result.kept_tokens, result.total_tokens)
+
+    def _append_failed(self, exc: Exception) -> None:
+        # The session keeps answering over what it holds; it only stops taking frames.
+        self.model_closed_reason = str(exc)
+        logger.warning("session %s takes no more frames: %s", self.id, exc)
+
+    def finish(self, reason: str, failed: bool = False) -> None:
+        """The source ended (or failed). Idempotent; callable from any thread."""
+        with self._lock:
+            if self.state >= State.ENDED:
+                return
+            self.state = State.FAILED if failed else State.ENDED
+            self.reason = reason
+            self.ended_at = time.time()
+        logger.info("session %s %s: %s", self.id, self.state.label, reason)
+        self.loop.call_soon_threadsafe(self._announce_state)
+
+    def _set_state(self, state: State, reason: str | None) -> None:
+        with self._lock:
+            if self.state >= state:
+                return
+            self.state = state
+            self.reason = reason
+        self._announce_state()
+
+    def _announce_state(self) -> None:
+        status = self.status()
+        for watcher in list(self.watchers):
+            watcher.send(status)
+        self._on_state(self)
+
+    # ------------------------------------------------------------ questions
+    def ask(self, watcher: Watcher, message: AskMessage) -> None:
+        """Queue a question (called on the loop); the answer streams to `watcher` only."""
+        if message.id in watcher.jobs:
+            watcher.send(
+                dump(
+                    ErrorMessage(
+                        id=message.id,
+                        code="duplicate_id",
+                        message=f"question {message.id!r} is still being answered",
+                    )
+                )
+            )
+            return
+        if self.session is None:
+            watcher.send(
+                dump(
+                    ErrorMessage(
+                        id=message.id,
+                        code="no_frames",
+                        message="the session has no frames yet; ask again once video arrives",
+                    )
+                )
+            )
+            return
+        asked = time.time()
+        context: dict[str, Any] = {}
+        post = self.loop.call_soon_threadsafe
+
+        def on_start() -> None:
+            context["live_edge"] = self.live_edge
+
+        def on_token(text: str) -> None:
+            post(watcher.send, dump(TokenMessage(id=message.id, text=text)))
+
+        def on_done(answer: Answer) -> None:
+            post(self._answered, watcher, message, job, answer, asked, context.get("live_edge"))
+
+        def on_error(exc: Exception) -> None:
+            post(self._question_failed, watcher, message, exc)
+
+        params = SamplingParams(
+            max_new_tokens=message.max_new_tokens,
+            temperature=message.temperature,
+            top_p=message.top_p,
+            top_k=message.top_k,
+            seed=message.seed,
+        )
+        job = QuestionJob(message.question, params, on_start, on_token, on_done, on_error)
+        watcher.jobs[message.id] = job
+        self.questions_waiting += 1
+        self.scheduler.submit_question(self.id, job)
+
+    def cancel(self, watcher: Watcher, message_id: str) -> bool:
+        job = watcher.jobs.pop(message_id, None)
+        if job is None:
+            return False
+        job.cancel()
+        self.questions_waiting -= 1
+        return True
+
+    def detach(self, watcher: Watcher) -> None:
+        """A websocket closed. Its questions still finish and land in the history."""
+        self.watchers.discard(watcher)
+
+    def _answered(
+        self,
+        watcher: Watcher,
+        message: AskMessage,
+        job: QuestionJob,
+        answer: Answer,
+        asked: float,
+        live_edge: float | None,
+    ) -> None:
+        if watcher.jobs.pop(message.id, None) is not None:
+            self.questions_waiting -= 1
+        now = time.time()
+        wall_zero = self.wall_zero or self.created
+        queue_s = (job.started or job.submitted) - job.submitted
+        out = AnswerMessage(
+            id=message.id,
+            question=message.question,
+            text=answer.text,
+            segments=[
+                SegmentOut(
+                    start=s.start,
+                    end=s.end,
+                    start_time=iso(wall_zero + s.start),
+                    end_time=iso(wall_zero + s.end),
+                )
+                for s in answer.segments
+            ],
+            stream_position=answer.stream_position,
+            live_edge=live_edge,
+            lag=None if live_edge is None else max(0.0, live_edge - answer.stream_position),
+            latency_ms=LatencyOut(
+                queue=queue_s * 1e3,
+                ttft=answer.prefill_seconds * 1e3,
+                total=(now - asked) * 1e3,
+            ),
+            asked_at=iso(asked),
+            answered_at=iso(now),
+        )
+        body = dump(out)
+        watcher.send(body)
+        if self.metrics is not None:
+            self.metrics.answered(answer.prefill_seconds, now - asked)
+        entry = {"question_id": message.id} | {
+            k: v for k, v in body.items() if k not in ("type", "id")
+        }
+        task = self.loop.create_task(self._on_history(self.id, entry))
+        task.add_done_callback(_log_failure)
+
+    def _question_failed(self, watcher: Watcher, message: AskMessage, exc: Exception) -> None:
+        if watcher.jobs.pop(message.id, None) is not None:
+            self.questions_waiting -= 1
+        if self.metrics is not None:
+            self.metrics.question_failed()
+        watcher.send(dump(ErrorMessage(id=message.id, code="question_failed", message=str(exc))))
+
+    # --------------------------------------------------------------- status
+    def status(self) -> dict[str, Any]:
+        session = self.session
+        stats = session.stats if session is not None else None
+        position = stats.last_time if stats else None
+        edge = self.live_edge
+        return dump(
+            StatusMessage(
+                session_id=self.id,
+                state=self.state.label,
+                reason=self.reason or self.model_closed_reason,
+                frames_received=self.frames_received,
+                frames_sampled=self.frames_sampled,
+                frames_dropped=self.scheduler.dropped(self.id),
+                frames_in_model=stats.frames if stats else 0,
+                kept_tokens=stats.kept_tokens if stats else 0,
+                total_tokens=stats.total_tokens if stats else 0,
+                kept_ratio=stats.kept_ratio if stats and stats.total_tokens else None,
+                kv_tokens=stats.kv_tokens if stats else 0,
+                kv_bytes=session.kv_bytes() if session is not None else 0,
+                live_edge=edge,
+                stream_position=position,
+                lag=None if edge is None or position is None else max(0.0, edge - position),
+                questions_waiting=self.questions_waiting,
+                time=iso(time.time()),
+            )
+        )
+
+    def release_model(self) -> None:
+        """Drop the session's KV cache (the session is gone or its retention ran out)."""
+        self.scheduler.close(self.id)
+        self.session = None
+
+
+def _log_failure(task: asyncio.Task[object]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("storing an answer in the history failed", exc_info=task.exception())

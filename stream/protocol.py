@@ -1,0 +1,187 @@
+"""Messages of the question websocket (`/v1/sessions/{id}/ws`) and the REST bodies.
+
+Everything arriving from the network is parsed here with pydantic; docs/api.md documents each
+message with examples, and tests check that the examples there parse with these models.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from livelens.model.session import MAX_QUESTION_CHARS
+
+MAX_MESSAGE_BYTES = 16 * 1024
+"""A client message larger than this is refused without being parsed."""
+MAX_NEW_TOKENS = 1024
+MAX_ID_CHARS = 64
+
+
+class ProtocolError(ValueError):
+    """A client message the server refuses; `code` is the machine-readable reason."""
+
+    def __init__(self, code: str, message: str, message_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.message_id = message_id
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ------------------------------------------------------------------------------ client messages
+class AskMessage(_Strict):
+    """Ask a question about the session's video so far."""
+
+    type: Literal["ask"]
+    id: str = Field(min_length=1, max_length=MAX_ID_CHARS, description="chosen by the client")
+    question: str = Field(description=f"1 to {MAX_QUESTION_CHARS} characters")
+    max_new_tokens: int = Field(default=128, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 = greedy")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = None
+
+
+class CancelMessage(_Strict):
+    """Stop one of this connection's own questions (queued or answering)."""
+
+    type: Literal["cancel"]
+    id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+
+
+ClientMessage = Annotated[AskMessage | CancelMessage, Field(discriminator="type")]
+_client_adapter: TypeAdapter[AskMessage | CancelMessage] = TypeAdapter(ClientMessage)
+CLIENT_TYPES = ("ask", "cancel")
+
+
+def parse_client_message(raw: str | bytes) -> AskMessage | CancelMessage:
+    """Parse one websocket message, or raise ProtocolError with a stable code."""
+    size = len(raw.encode() if isinstance(raw, str) else raw)
+    if size > MAX_MESSAGE_BYTES:
+        raise ProtocolError(
+            "message_too_large", f"message has {size} bytes; the limit is {MAX_MESSAGE_BYTES}"
+        )
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError("invalid_json", f"message is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("invalid_message", "message must be a JSON object")
+    message_id = data.get("id") if isinstance(data.get("id"), str) else None
+    kind = data.get("type")
+    if kind not in CLIENT_TYPES:
+        raise ProtocolError(
+            "unknown_type",
+            f"unknown message type {kind!r}; expected one of {', '.join(CLIENT_TYPES)}",
+            message_id,
+        )
+    try:
+        message = _client_adapter.validate_python(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"][1:]) or "message"
+        raise ProtocolError("invalid_message", f"{where}: {first['msg']}", message_id) from None
+    if isinstance(message, AskMessage):
+        if not message.question.strip():
+            raise ProtocolError("empty_question", "the question is empty", message_id)
+        if len(message.question) > MAX_QUESTION_CHARS:
+            raise ProtocolError(
+                "question_too_long",
+                f"the question has {len(message.question)} characters; "
+                f"the limit is {MAX_QUESTION_CHARS}",
+                message_id,
+            )
+    return message
+
+
+# ------------------------------------------------------------------------------ server messages
+class SegmentOut(BaseModel):
+    start: float = Field(description="media seconds from the session's first frame")
+    end: float
+    start_time: str = Field(description="wall clock (ISO-8601, UTC) of `start`")
+    end_time: str
+
+
+class LatencyOut(BaseModel):
+    queue: float = Field(description="ms from receiving the question to starting it")
+    ttft: float = Field(description="ms of question prefill until the first token")
+    total: float = Field(description="ms from receiving the question to the answer")
+
+
+class TokenMessage(BaseModel):
+    type: Literal["token"] = "token"
+    id: str
+    text: str
+
+
+class AnswerMessage(BaseModel):
+    type: Literal["answer"] = "answer"
+    id: str
+    question: str
+    text: str
+    segments: list[SegmentOut]
+    stream_position: float = Field(description="media time (s) of the last frame the answer saw")
+    live_edge: float | None = Field(description="media time (s) of the newest received frame")
+    lag: float | None = Field(description="live_edge - stream_position when the answer started")
+    latency_ms: LatencyOut
+    asked_at: str
+    answered_at: str
+
+
+class StatusMessage(BaseModel):
+    type: Literal["status"] = "status"
+    session_id: str
+    state: str
+    reason: str | None = None
+    frames_received: int
+    frames_sampled: int
+    frames_dropped: int = Field(description="sampled frames dropped because the model lagged")
+    frames_in_model: int
+    kept_tokens: int
+    total_tokens: int
+    kept_ratio: float | None
+    kv_tokens: int
+    kv_bytes: int
+    live_edge: float | None
+    stream_position: float | None
+    lag: float | None = Field(description="seconds between the newest frame and the model's")
+    questions_waiting: int
+    time: str
+
+
+class ErrorMessage(BaseModel):
+    type: Literal["error"] = "error"
+    id: str | None = None
+    code: str
+    message: str
+
+
+def dump(message: BaseModel) -> dict[str, Any]:
+    return message.model_dump(mode="json")
+
+
+# ------------------------------------------------------------------------------ REST bodies
+class PullRequest(_Strict):
+    """Start a session that pulls a stream: RTSP, HLS, or a local file played as live."""
+
+    source: str = Field(
+        min_length=1, max_length=4096, description="rtsp://..., http(s)://...m3u8, or a path"
+    )
+    fps: float | None = Field(default=None, gt=0, le=30, description="default: the server's")
+    prune_threshold: float | None = Field(default=None, ge=0, le=255)
+    realtime: bool = Field(default=True, description="files only: play at the media rate")
+    loop: bool = Field(default=False, description="files only: start over at the end")
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

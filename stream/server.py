@@ -1,0 +1,74 @@
+"""`livelens serve`: load the model once, build the app, run it on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
+
+# Websocket messages above our 16 KiB protocol limit get a clear error message; far larger ones
+# are cut off by the server before they are buffered.
+WS_MAX_SIZE = 1 << 20
+
+
+def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
+    import uvicorn
+
+    from livelens.model.loading import load_model
+    from livelens.model.runner import ModelRunner
+    from livelens.stream.app import create_app
+    from livelens.stream.service import LiveService, ServiceConfig
+    from livelens.stream.sources.pull import PullConfig
+    from livelens.stream.whip import WhipSettings
+
+    logging.getLogger().setLevel(args.log_level.upper())
+    logging.getLogger("livelens").setLevel(args.log_level.upper())
+    fps = number("--fps", args.fps, zero_ok=False)
+    threshold = number("--prune-threshold", args.prune_threshold, zero_ok=True)
+    interval = number("--status-interval", args.status_interval, zero_ok=False)
+    give_up = number("--pull-give-up", args.pull_give_up, zero_ok=False)
+    for flag, value in (
+        ("--port", args.port),
+        ("--tokens-per-frame", args.tokens_per_frame),
+        ("--max-sessions", args.max_sessions),
+        ("--max-pending-frames", args.max_pending_frames),
+    ):
+        if value <= 0 or (flag == "--port" and value > 65535):
+            from livelens.stream.cli import UsageError
+
+            raise UsageError(f"{flag} out of range: {value}")
+    token = args.token or os.environ.get("LIVELENS_TOKEN") or None
+    redis_url = None if args.redis_url.lower() in ("", "none") else args.redis_url
+
+    loaded = load_model(args.model, device=args.device)
+    logger.info("model %s loaded on %s (%s)", loaded.name, loaded.device, loaded.dtype)
+    config = ServiceConfig(
+        fps=fps,
+        prune_threshold=threshold,
+        tokens_per_frame=args.tokens_per_frame,
+        max_pending_frames=args.max_pending_frames,
+        max_sessions=args.max_sessions,
+        status_interval_s=interval,
+        redis_url=redis_url,
+        pull=PullConfig(give_up_after_s=give_up),
+    )
+    whip = WhipSettings(
+        token=token,
+        allow_loopback=args.allow_loopback_ice,
+        cors_origin=args.cors_origin,
+    )
+    app = create_app(LiveService(ModelRunner(loaded), config), token=token, whip=whip)
+    if token is None:
+        logger.warning("no --token given: anyone who reaches this port can publish and ask")
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        ws="websockets",
+        ws_max_size=WS_MAX_SIZE,
+        log_level=args.log_level,
+    )
+    return 0

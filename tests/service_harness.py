@@ -1,0 +1,85 @@
+"""Build a real LiveLens app around the tiny model for tests, and talk to it."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import torch
+from fastapi.testclient import TestClient
+
+from livelens.model.runner import ModelRunner
+from livelens.stream.app import create_app
+from livelens.stream.service import LiveService, ServiceConfig
+
+
+class SlowRunner(ModelRunner):
+    """The real tiny model, made deliberately slow: each vision encode and prefill sleeps first."""
+
+    def __init__(self, loaded, *, encode_delay: float = 0.0, prefill_delay: float = 0.0) -> None:
+        super().__init__(loaded)
+        self.encode_delay = encode_delay
+        self.prefill_delay = prefill_delay
+
+    def encode_frames(self, patches: torch.Tensor, frames: int, gh: int, gw: int) -> torch.Tensor:
+        time.sleep(self.encode_delay)
+        return super().encode_frames(patches, frames, gh, gw)
+
+    def prefill(self, embeds, cache):  # type: ignore[no-untyped-def]
+        time.sleep(self.prefill_delay)
+        return super().prefill(embeds, cache)
+
+
+def fast_config(redis_url: str | None, **changes: Any) -> ServiceConfig:
+    """Small, fast settings: 2 fps sampling, a small grid, quick status messages."""
+    base = ServiceConfig(
+        fps=2.0, tokens_per_frame=16, status_interval_s=0.25, redis_url=redis_url, node="test-node"
+    )
+    return replace(base, **changes)
+
+
+@contextlib.contextmanager
+def running_app(
+    runner: ModelRunner, config: ServiceConfig, *, token: str | None = None
+) -> Iterator[tuple[TestClient, LiveService]]:
+    """The app with its lifespan running (model worker, registry, status loop)."""
+    service = LiveService(runner, config)
+    app = create_app(service, token=token)
+    with TestClient(app) as client:
+        yield client, service
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02) -> Any:
+    """Poll until predicate() is truthy; return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
+        time.sleep(interval)
+
+
+def receive_until(ws, kind: str, *, message_id: str | None = None, limit: int = 10_000):  # type: ignore[no-untyped-def]
+    """Read messages until one of `kind` (and id) arrives; returns (it, everything before it)."""
+    seen: list[dict[str, Any]] = []
+    for _ in range(limit):
+        message = ws.receive_json()
+        if message["type"] == kind and (message_id is None or message.get("id") == message_id):
+            return message, seen
+        seen.append(message)
+    raise AssertionError(f"no {kind} message in {limit} messages")
+
+
+def ask(ws, message_id: str, question: str = "what happened?", **fields: Any):  # type: ignore[no-untyped-def]
+    """Ask and collect: returns (answer message, token texts in order)."""
+    ws.send_json({"type": "ask", "id": message_id, "question": question, **fields})
+    answer, before = receive_until(ws, "answer", message_id=message_id)
+    errors = [m for m in before if m["type"] == "error" and m.get("id") == message_id]
+    assert not errors, errors
+    tokens = [m["text"] for m in before if m["type"] == "token" and m["id"] == message_id]
+    return answer, tokens
