@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from enum import IntEnum
 from typing import Any
 
+import numpy as np
+
 from livelens.model.runner import ModelRunner
 from livelens.model.scheduler import FrameCallbacks, QuestionJob, Scheduler
 from livelens.model.session import Answer, AppendResult, SamplingParams, VideoSession
@@ -136,6 +138,8 @@ class LiveSession:
         self.live_edge: float | None = None
         self.model_closed_reason: str | None = None
         self.questions_waiting = 0
+        self.last_sampled: tuple[float, np.ndarray] | None = None
+        """The newest sampled frame (media time, RGB at the session grid)."""
         self.gaps: list[tuple[float, float]] = []
         """Media-time spans (s) the source was down; times continue across them."""
 
@@ -169,6 +173,7 @@ class LiveSession:
             return
         # Conversion and resizing only for sampled frames: the rest are never looked at.
         image = resize_to_grid(decoded.frame, self.grid)
+        self.last_sampled = (decoded.time, image)
         self.scheduler.submit_frame(self.id, image, decoded.time)
 
     def _start_model(self, decoded: DecodedFrame) -> None:
