@@ -13,12 +13,14 @@ import time
 
 import pytest
 import redis
+from media_servers import TcpPeer, closed_port
 from service_harness import SlowRunner, ask, fast_config, receive_until, running_app, wait_for
 from starlette.websockets import WebSocketDisconnect
 from videos import make_video
 
 from livelens.model.runner import ModelRunner
 from livelens.stream.protocol import MAX_MESSAGE_BYTES
+from livelens.stream.sources.pull import PullConfig
 
 
 @pytest.fixture
@@ -298,3 +300,82 @@ def test_model_slower_than_stream_memory_flat_lag_bounded(
     assert status["frames_dropped"] > 0, "the model kept up: the test proves nothing"
     assert max(lags) <= bound
     assert rss_end - rss_start < 40, f"RSS grew {rss_end - rss_start:.1f} MB"
+
+
+def test_bad_sources_fail_their_session_only(runner, tmp_path, redis_server) -> None:
+    """An unreachable RTSP camera and a server sending garbage each fail their own session with
+    a stored reason, while a good session on the same server keeps answering."""
+    video = make_video(tmp_path / "good.mp4", frames=100, fps=10, pattern="moving_square")
+    garbage = TcpPeer("http-garbage")
+    config = fast_config(redis_server.url, pull=PullConfig(give_up_after_s=1.0))
+    try:
+        with running_app(runner, config) as (client, service):
+            good = _pull(client, video.path, realtime=True, loop=True)["id"]
+            rtsp = _pull(client, f"rtsp://127.0.0.1:{closed_port()}/stream1")["id"]
+            junk = _pull(client, garbage.url("http", "live.m3u8"))["id"]
+
+            def failed(sid: str) -> dict | None:
+                record = client.get(f"/v1/sessions/{sid}").json()
+                return record if record["state"] == "failed" else None
+
+            rtsp_record = wait_for(lambda: failed(rtsp), timeout=20)
+            assert "connection refused" in rtsp_record["reason"]
+            assert "rtsp://127.0.0.1" in rtsp_record["reason"]
+            junk_record = wait_for(lambda: failed(junk), timeout=20)
+            assert "not a media stream" in junk_record["reason"]
+
+            wait_for(lambda: service.sessions[good].status()["frames_in_model"] >= 2)
+            with client.websocket_connect(f"/v1/sessions/{good}/ws") as ws:
+                ask(ws, "still-here", max_new_tokens=2)
+            assert client.get(f"/v1/sessions/{good}").json()["state"] == "live"
+        r = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            assert r.hget(f"livelens:session:{rtsp}", "state") == "failed"
+            assert "connection refused" in r.hget(f"livelens:session:{rtsp}", "reason")
+        finally:
+            r.close()
+    finally:
+        garbage.stop()
+
+
+def test_whip_refusals_on_the_real_app(runner, redis_server) -> None:
+    """The service's own WHIP endpoint refuses bad offers with JSON errors and keeps serving."""
+    with running_app(runner, fast_config(redis_server.url), token="t0k") as (client, service):
+        auth = {"Authorization": "Bearer t0k"}
+        sdp = {"Content-Type": "application/sdp"}
+        cases = [
+            ({"Content-Type": "text/plain", **auth}, "v=0", 415),
+            (sdp, "v=0", 401),
+            ({**sdp, "Authorization": "Bearer wrong"}, "v=0", 401),
+            ({**sdp, **auth}, "this is not sdp", 400),
+            ({**sdp, **auth}, AUDIO_ONLY_OFFER, 406),
+        ]
+        for headers, body, status in cases:
+            response = client.post("/whip", content=body, headers=headers)
+            assert response.status_code == status, (status, response.text)
+            assert response.json()["error"]["message"]
+        assert client.patch("/whip/nope", content="a=x", headers=auth).status_code in (404, 415)
+        assert client.delete("/whip/nope", headers=auth).status_code == 404
+        assert service.sessions == {}
+        assert client.get("/healthz").status_code == 200
+
+
+AUDIO_ONLY_OFFER = "\r\n".join(
+    [
+        "v=0",
+        "o=- 1 1 IN IP4 127.0.0.1",
+        "s=-",
+        "t=0 0",
+        "a=group:BUNDLE 0",
+        "m=audio 9 UDP/TLS/RTP/SAVPF 111",
+        "c=IN IP4 0.0.0.0",
+        "a=mid:0",
+        "a=sendonly",
+        "a=ice-ufrag:abcd",
+        "a=ice-pwd:abcdefghijklmnopqrstuvwx",
+        "a=fingerprint:sha-256 " + ":".join(["AB"] * 32),
+        "a=setup:actpass",
+        "a=rtpmap:111 opus/48000/2",
+        "",
+    ]
+)
