@@ -31,7 +31,7 @@ import av.stream
 from av.container import InputContainer
 
 from livelens.stream.errors import SourceError
-from livelens.stream.sources.file import DecodedFrame
+from livelens.stream.sources.file import DecodedFrame, SourceStats
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +104,12 @@ class SourceEvent:
 
 
 @dataclass
-class PullStats:
-    """Counters of a pull source; `PullSource.stats` returns a snapshot."""
+class PullStats(SourceStats):
+    """A file source's counters plus the network's; `PullSource.stats` returns a snapshot.
+
+    `demux_errors` counts read errors: a dropped connection for a network source, a resync for
+    a file; `frames` counts frames delivered to on_frame.
+    """
 
     connects: int = 0
     """Successful opens (each one emitted a "connected" event)."""
@@ -113,18 +117,6 @@ class PullStats:
     """Reconnect attempts scheduled after a failure (each one a "reconnecting" event)."""
     loops: int = 0
     """Times a looping file started over."""
-    packets: int = 0
-    """Video packets read."""
-    frames: int = 0
-    """Frames delivered to on_frame."""
-    corrupt_packets: int = 0
-    """Packets the demuxer flagged corrupt; still decoded (decoders conceal damage)."""
-    decode_errors: int = 0
-    """Packets the decoder rejected; skipped."""
-    demux_errors: int = 0
-    """Read errors: a dropped connection for a network source, a resync for a file."""
-    dropped_frames: int = 0
-    """Frames dropped because their time was not after the previous frame's."""
     gaps: list[tuple[float, float]] = field(default_factory=list)
     """Media-time (start, end) of every outage, as in the "gap" events."""
     last_error: str | None = None
