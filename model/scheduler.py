@@ -165,6 +165,15 @@ class Scheduler:
             slot = self._slots.get(key)
             return slot.dropped if slot else 0
 
+    def questions(self, key: str) -> int:
+        """Questions of the session waiting or being answered (cancelled ones excluded)."""
+        with self._cond:
+            slot = self._slots.get(key)
+            if slot is None:
+                return 0
+            jobs = [*slot.questions, *([slot.active] if slot.active else [])]
+            return sum(not job.cancelled.is_set() for job in jobs)
+
     def pending(self, key: str) -> int:
         with self._cond:
             slot = self._slots.get(key)

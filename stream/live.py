@@ -123,6 +123,9 @@ class LiveSession:
         self._on_history = on_history
         self._on_state = on_state
         self.metrics = metrics
+        # Labelled children looked up once: push() runs for every decoded frame.
+        self._received = metrics.frames_received.labels(kind) if metrics else None
+        self._sampled = metrics.frames_sampled.labels(kind) if metrics else None
         self.state = State.STARTING
         self.reason: str | None = None
         self.ended_at: float | None = None
@@ -137,7 +140,6 @@ class LiveSession:
         self.frames_sampled = 0
         self.live_edge: float | None = None
         self.model_closed_reason: str | None = None
-        self.questions_waiting = 0
         self.last_sampled: tuple[float, np.ndarray] | None = None
         """The newest sampled frame (media time, RGB at the session grid)."""
         self.gaps: list[tuple[float, float]] = []
@@ -150,8 +152,8 @@ class LiveSession:
     # ------------------------------------------------------------ frames in
     def push(self, decoded: DecodedFrame) -> None:
         """Take one decoded frame; cheap unless the sampler keeps it."""
-        if self.metrics is not None:
-            self.metrics.frame_received(self.kind)
+        if self._received is not None:
+            self._received.inc()
         with self._lock:
             if self.state >= State.ENDED:
                 return
@@ -165,8 +167,8 @@ class LiveSession:
             first = self.grid is None
             if first:
                 self._start_model(decoded)
-        if self.metrics is not None:
-            self.metrics.frame_sampled(self.kind)
+        if self._sampled is not None:
+            self._sampled.inc()
         if first:
             self.loop.call_soon_threadsafe(self._set_state, State.LIVE, None)
         if self.grid is None or self.session is None:
@@ -289,7 +291,6 @@ class LiveSession:
         )
         job = QuestionJob(message.question, params, on_start, on_token, on_done, on_error)
         watcher.jobs[message.id] = job
-        self.questions_waiting += 1
         self.scheduler.submit_question(self.id, job)
 
     def cancel(self, watcher: Watcher, message_id: str) -> bool:
@@ -297,7 +298,6 @@ class LiveSession:
         if job is None:
             return False
         job.cancel()
-        self.questions_waiting -= 1
         return True
 
     def detach(self, watcher: Watcher) -> None:
@@ -313,8 +313,7 @@ class LiveSession:
         asked: float,
         live_edge: float | None,
     ) -> None:
-        if watcher.jobs.pop(message.id, None) is not None:
-            self.questions_waiting -= 1
+        watcher.jobs.pop(message.id, None)
         now = time.time()
         wall_zero = self.wall_zero or self.created
         queue_s = (job.started or job.submitted) - job.submitted
@@ -353,8 +352,7 @@ class LiveSession:
         task.add_done_callback(_log_failure)
 
     def _question_failed(self, watcher: Watcher, message: AskMessage, exc: Exception) -> None:
-        if watcher.jobs.pop(message.id, None) is not None:
-            self.questions_waiting -= 1
+        watcher.jobs.pop(message.id, None)
         if self.metrics is not None:
             self.metrics.question_failed()
         watcher.send(dump(ErrorMessage(id=message.id, code="question_failed", message=str(exc))))
@@ -382,7 +380,7 @@ class LiveSession:
                 live_edge=edge,
                 stream_position=position,
                 lag=None if edge is None or position is None else max(0.0, edge - position),
-                questions_waiting=self.questions_waiting,
+                questions_waiting=self.scheduler.questions(self.id),
                 time=iso(time.time()),
             )
         )

@@ -54,12 +54,6 @@ class Metrics:
         self._kept = 0
         self._total = 0
 
-    def frame_received(self, kind: str) -> None:
-        self.frames_received.labels(kind).inc()
-
-    def frame_sampled(self, kind: str) -> None:
-        self.frames_sampled.labels(kind).inc()
-
     def tokens(self, kept: int, total: int) -> None:
         self.tokens_kept.inc(kept)
         self.tokens_total.inc(total)

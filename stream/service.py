@@ -292,7 +292,7 @@ class LiveService:
             for watcher in list(session.watchers):
                 watcher.send(status)
             if session.state < State.ENDED:
-                await self.registry.update(session.id, stats=_stats(session))
+                await self.registry.update(session.id, stats=_stats(session, status))
             elif (
                 session.ended_at is not None
                 and session.session is not None
@@ -306,8 +306,9 @@ class LiveService:
         self.metrics.redis_connected.set(1 if self.registry.connected else 0)
 
 
-def _stats(session: LiveSession) -> dict[str, Any]:
-    status = session.status()
+def _stats(session: LiveSession, status: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The registry's stats of a session, from its status message (computed if not given)."""
+    status = status or session.status()
     keys = (
         "frames_received",
         "frames_sampled",

@@ -134,9 +134,11 @@ def test_question_sees_frames_sampled_before_it(runner, scheduler) -> None:
     scheduler.submit_frame("a", _frame(2), 2.0)
     q = Question()
     scheduler.submit_question("a", q.job)
+    assert scheduler.questions("a") == 1
     rec.gate.set()
     assert q.done.wait(30)
     assert q.answer is not None and q.answer.stream_position == 2.0
+    _wait(lambda: scheduler.questions("a") == 0)
 
 
 def test_long_answer_does_not_stall_other_sessions(runner, scheduler) -> None:
