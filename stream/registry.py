@@ -232,7 +232,11 @@ class Registry:
         mirror_len: int = 256,
         keep_ended: int = 64,
     ) -> None:
-        """Use Registry.open(); this only checks and stores the settings."""
+        """Use Registry.open(); this only checks and stores the settings.
+
+        mirror_len: recent entries kept per session to restore a Redis that lost its data.
+        keep_ended: ended sessions kept in-process (for get/history while Redis is down).
+        """
         if not node:
             raise ValueError("node must be a non-empty name")
         if not 0 < heartbeat_s < ttl_s:
@@ -260,33 +264,13 @@ class Registry:
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(
-        cls,
-        url: str | None,
-        *,
-        node: str,
-        heartbeat_s: float = 5.0,
-        ttl_s: float = 15.0,
-        retention_s: float = 7 * 86400,
-        retry_s: float = 2.0,
-        mirror_len: int = 256,
-        keep_ended: int = 64,
-    ) -> Registry:
+    async def open(cls, url: str | None, *, node: str, **settings: float) -> Registry:
         """Connect to Redis at `url` (None: in-process only); never fails for an unreachable one.
 
-        mirror_len: recent entries kept per session to restore a Redis that lost its data.
-        keep_ended: ended sessions kept in-process (for get/history while Redis is down).
+        `settings` are the constructor's keyword arguments (heartbeat_s, ttl_s, retention_s,
+        retry_s, mirror_len, keep_ended), checked there.
         """
-        self = cls(
-            url,
-            node=node,
-            heartbeat_s=heartbeat_s,
-            ttl_s=ttl_s,
-            retention_s=retention_s,
-            retry_s=retry_s,
-            mirror_len=mirror_len,
-            keep_ended=keep_ended,
-        )
+        self = cls(url, node=node, **settings)  # type: ignore[arg-type]
         if url is None:
             return self
         # No client-side retries: a failure must surface at once so writes get buffered,
