@@ -11,21 +11,26 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from livelens.stream.live import Watcher
+from livelens.clients import CONSOLE_DIR
+from livelens.stream.live import LiveSession, Watcher, iso
 from livelens.stream.protocol import (
     AskMessage,
     ErrorMessage,
     ErrorResponse,
     ProtocolError,
     PullRequest,
+    ThumbnailList,
+    ThumbnailOut,
     dump,
     parse_client_message,
 )
@@ -124,6 +129,14 @@ def create_app(
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
+    # ------------------------------------------------------------- console
+    # Static files only (no build step, no CDN); the page asks for the token itself.
+    app.mount("/console", StaticFiles(directory=CONSOLE_DIR), name="console")
+
+    @app.get("/", include_in_schema=False)
+    async def console() -> FileResponse:
+        return FileResponse(CONSOLE_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
     # ---------------------------------------------------------------- REST
     @app.get("/healthz", tags=["service"])
     async def healthz() -> dict[str, Any]:
@@ -171,10 +184,7 @@ def create_app(
     async def delete_session(session_id: str) -> dict[str, Any]:
         """End a session of this node and free its KV cache; its history stays readable."""
         if not await service.delete(session_id):
-            record = await _record_or_404(session_id)
-            raise ServiceError(
-                409, "not_on_this_node", f"session {session_id} is held by node {record['node']}"
-            )
+            await _held_here(session_id)
         return await _record_or_404(session_id)
 
     @app.get("/v1/sessions/{session_id}/history", tags=["sessions"])
@@ -195,6 +205,65 @@ def create_app(
         if record is None:
             raise ServiceError(404, "unknown_session", f"no session {session_id!r}")
         return record
+
+    @app.get("/v1/sessions/{session_id}/thumbnails", tags=["sessions"])
+    async def thumbnails(
+        session_id: str,
+        start: float | None = Query(default=None, description="media seconds, inclusive"),
+        end: float | None = Query(default=None, description="media seconds, inclusive"),
+    ) -> ThumbnailList:
+        """The session's kept thumbnails (the newest sampled frames), oldest first."""
+        session = await _held_here(session_id)
+        ring = session.thumbnails
+        low = -math.inf if start is None else start
+        high = math.inf if end is None else end
+        wall_zero = session.wall_zero or session.created
+        return ThumbnailList(
+            session_id=session_id,
+            capacity=ring.capacity,
+            thumbnails=[
+                ThumbnailOut(
+                    time=t.time,
+                    wall_time=iso(wall_zero + t.time),
+                    width=t.width,
+                    height=t.height,
+                    url=f"/v1/sessions/{session_id}/thumbnail?at={t.time:.3f}",
+                )
+                for t in ring.between(low, high)
+            ],
+        )
+
+    @app.get(
+        "/v1/sessions/{session_id}/thumbnail",
+        tags=["sessions"],
+        response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}}},
+    )
+    async def thumbnail(
+        session_id: str, at: float = Query(description="media seconds; the nearest kept frame")
+    ) -> Response:
+        """One JPEG thumbnail: the kept frame nearest to `at` (its time in X-LiveLens-Time)."""
+        session = await _held_here(session_id)
+        found = session.thumbnails.nearest(at)
+        if found is None:
+            raise ServiceError(404, "no_thumbnail", f"session {session_id} has no frames yet")
+        return Response(
+            found.jpeg,
+            media_type="image/jpeg",
+            headers={"X-LiveLens-Time": f"{found.time:.3f}", "Cache-Control": "no-store"},
+        )
+
+    async def _held_here(session_id: str) -> LiveSession:
+        """The session, if this node holds it in memory; else 404, 409 (another node) or 410."""
+        session = service.get(session_id)
+        if session is not None:
+            return session
+        record = await _record_or_404(session_id)
+        if record["node"] != service.config.node:
+            raise ServiceError(
+                409, "not_on_this_node", f"session {session_id} is held by node {record['node']}"
+            )
+        raise ServiceError(410, "session_deleted", f"session {session_id} was deleted")
 
     # ------------------------------------------------------------ websocket
     @app.websocket("/v1/sessions/{session_id}/ws")

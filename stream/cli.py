@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="sampled frames a session may queue for the model before the oldest are dropped",
     )
+    serve.add_argument(
+        "--thumbnails",
+        type=int,
+        default=300,
+        help="JPEG thumbnails of the newest sampled frames kept per session for the console "
+        "(default 300)",
+    )
     serve.add_argument("--status-interval", default="2", help="seconds between status messages")
     serve.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     serve.add_argument(

@@ -36,6 +36,7 @@ from livelens.stream.protocol import (
 )
 from livelens.stream.sampler import FpsSampler
 from livelens.stream.sources.file import DecodedFrame
+from livelens.stream.thumbnails import DEFAULT_CAPACITY, ThumbnailRing
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class SessionSettings:
     prune_threshold: float
     tokens_per_frame: int
     min_tokens: int = 1
+    thumbnails: int = DEFAULT_CAPACITY
+    """JPEG thumbnails of sampled frames kept for the console (a ring: the newest)."""
 
 
 class Watcher:
@@ -142,6 +145,7 @@ class LiveSession:
         self.model_closed_reason: str | None = None
         self.last_sampled: tuple[float, np.ndarray] | None = None
         """The newest sampled frame (media time, RGB at the session grid)."""
+        self.thumbnails = ThumbnailRing(settings.thumbnails)
         self.gaps: list[tuple[float, float]] = []
         """Media-time spans (s) the source was down; times continue across them."""
 
@@ -177,6 +181,7 @@ class LiveSession:
         image = resize_to_grid(decoded.frame, self.grid)
         self.last_sampled = (decoded.time, image)
         self.scheduler.submit_frame(self.id, image, decoded.time)
+        self.thumbnails.add(decoded.time, image)
 
     def _start_model(self, decoded: DecodedFrame) -> None:
         height, width = decoded.frame.height, decoded.frame.width

@@ -178,6 +178,20 @@ class PullRequest(_Strict):
     loop: bool = Field(default=False, description="files only: start over at the end")
 
 
+class ThumbnailOut(BaseModel):
+    time: float = Field(description="media seconds of the sampled frame")
+    wall_time: str = Field(description="wall clock (ISO-8601, UTC) of `time`")
+    width: int
+    height: int
+    url: str = Field(description="GET it (with the bearer token) for the JPEG")
+
+
+class ThumbnailList(BaseModel):
+    session_id: str
+    capacity: int = Field(description="thumbnails the session keeps; older ones are dropped")
+    thumbnails: list[ThumbnailOut]
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str

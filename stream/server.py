@@ -35,6 +35,7 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         ("--tokens-per-frame", args.tokens_per_frame),
         ("--max-sessions", args.max_sessions),
         ("--max-pending-frames", args.max_pending_frames),
+        ("--thumbnails", args.thumbnails),
     ):
         if value <= 0 or (flag == "--port" and value > 65535):
             from livelens.stream.cli import UsageError
@@ -51,6 +52,7 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         tokens_per_frame=args.tokens_per_frame,
         max_pending_frames=args.max_pending_frames,
         max_sessions=args.max_sessions,
+        thumbnails=args.thumbnails,
         status_interval_s=interval,
         redis_url=redis_url,
         pull=PullConfig(give_up_after_s=give_up),

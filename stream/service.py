@@ -28,6 +28,7 @@ from livelens.stream.protocol import PullRequest
 from livelens.stream.registry import Registry, SessionRecord
 from livelens.stream.sources.file import DecodedFrame
 from livelens.stream.sources.pull import PullConfig, PullSource, SourceEvent
+from livelens.stream.thumbnails import DEFAULT_CAPACITY
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class ServiceConfig:
     tokens_per_frame: int = DEFAULT_TOKENS_PER_FRAME
     max_pending_frames: int = 8
     """Sampled frames a session may have waiting for the model before the oldest is dropped."""
+    thumbnails: int = DEFAULT_CAPACITY
+    """JPEG thumbnails each session keeps of its newest sampled frames (served by REST)."""
     max_sessions: int = 16
     """Live sessions this node accepts; more are refused with 503."""
     status_interval_s: float = 2.0
@@ -137,6 +140,7 @@ class LiveService:
                 self.config.prune_threshold if prune_threshold is None else prune_threshold
             ),
             tokens_per_frame=self.config.tokens_per_frame,
+            thumbnails=self.config.thumbnails,
         )
         session = LiveSession(
             uuid.uuid4().hex,

@@ -33,6 +33,38 @@ class SlowRunner(ModelRunner):
         return super().prefill(embeds, cache)
 
 
+class SteeredRunner(ModelRunner):
+    """The real tiny model, with its answers steered to spell `text` (then end-of-sequence).
+
+    Everything runs for real (vision encoder, DiffFP, prefill into the KV cache, decoding,
+    streaming, grounding); only the LM head's logits get a large bonus on the next token of
+    `text`. A random-weight model almost never writes a time, so tests that need an answer with
+    segments (the console's timeline, the CLI's segment lines) use this. The step counter
+    restarts whenever more than one token is embedded (a question's prompt); decoding embeds one.
+    """
+
+    BONUS = 1e4
+
+    def __init__(self, loaded, text: str) -> None:
+        super().__init__(loaded)
+        tokenizer = loaded.tokenizer
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        self.target = [*ids, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        self._step = 0
+
+    def embed_tokens(self, ids: list[int]) -> torch.Tensor:
+        if len(ids) > 1:
+            self._step = 0
+        return super().embed_tokens(ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = super().logits(hidden).clone()  # inference tensors are read-only
+        if self._step < len(self.target):
+            logits[self.target[self._step]] += self.BONUS
+            self._step += 1
+        return logits
+
+
 def fast_config(redis_url: str | None, **changes: Any) -> ServiceConfig:
     """Small, fast settings: 2 fps sampling, a small grid, quick status messages."""
     base = ServiceConfig(
