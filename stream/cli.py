@@ -1,4 +1,8 @@
-"""`livelens` command line: `livelens ask VIDEO "question"` streams an answer with timestamps."""
+"""`livelens` command line: `livelens ask VIDEO "question"` streams an answer with timestamps.
+
+`serve` runs the live service; `publish`, `sessions`, `watch` and `ask --server` are its client
+(livelens/clients/cli.py) and never load the model.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,19 @@ logger = logging.getLogger(__name__)
 
 # Frames per append: batches the vision encoder without holding much of the video in memory.
 DEFAULT_CHUNK = 8
+DEFAULT_FPS = "1"
+DEFAULT_PRUNE_THRESHOLD = "0.1"
+# `ask` flags that only make sense for a local file; with --server they are a usage error, so
+# they default to None (the real defaults are filled in by cmd_ask).
+_LOCAL_ASK_FLAGS = {
+    "model": "--model",
+    "fps": "--fps",
+    "prune_threshold": "--prune-threshold",
+    "tokens_per_frame": "--tokens-per-frame",
+    "device": "--device",
+    "chunk": "--chunk",
+}
+CLIENT_COMMANDS = ("publish", "sessions", "watch")
 
 
 class UsageError(ValueError):
@@ -37,35 +54,72 @@ def _number(flag: str, value: str, *, zero_ok: bool) -> float:
     return number
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from livelens.model.loading import DEFAULT_MODEL
+class _ModelDefaultHelp(argparse.HelpFormatter):
+    """Fills {default_model} into help texts only when help is shown.
 
+    The constant lives with the model loader, which imports torch; client commands must not.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        if text and "{default_model}" in text:
+            from livelens.model.loading import DEFAULT_MODEL
+
+            text = text.replace("{default_model}", DEFAULT_MODEL)
+        return text
+
+
+def _add_client_options(parser: argparse.ArgumentParser, *, server_required: bool) -> None:
+    parser.add_argument(
+        "--server",
+        required=server_required,
+        metavar="URL",
+        help="base URL of a `livelens serve`, e.g. http://gpu-node:8000",
+    )
+    parser.add_argument(
+        "--token", default=None, help="bearer token of the server (default: $LIVELENS_TOKEN)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="livelens", description="Ask questions about live video, answered with timestamps."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ask = sub.add_parser("ask", help="answer a question about a video file")
-    ask.add_argument("video", help="path of any video file FFmpeg reads")
+    ask = sub.add_parser(
+        "ask",
+        help="answer a question about a video file, or about a live session with --server",
+        formatter_class=_ModelDefaultHelp,
+    )
+    ask.add_argument(
+        "video",
+        metavar="VIDEO|SESSION",
+        help="path of any video file FFmpeg reads; with --server, the id of a live session",
+    )
     ask.add_argument("question")
+    _add_client_options(ask, server_required=False)
     ask.add_argument(
         "--model",
-        default=DEFAULT_MODEL,
+        default=None,
         help="hub id or local directory of a VideoLLaMA3 checkpoint, or 'tiny' (offline test "
-        f"model); default {DEFAULT_MODEL}",
+        "model); default {default_model}",
     )
-    ask.add_argument("--fps", default="1", help="frames sampled per media second (default 1)")
+    ask.add_argument(
+        "--fps", default=None, help=f"frames sampled per media second (default {DEFAULT_FPS})"
+    )
     ask.add_argument(
         "--prune-threshold",
-        default="0.1",
+        default=None,
         help="DiffFP threshold: a token is kept when its mean pixel change x255 exceeds it "
-        "(default 0.1, the paper's; live cameras need ~4 to prune anything)",
+        f"(default {DEFAULT_PRUNE_THRESHOLD}, the paper's; live cameras need ~4 to prune "
+        "anything)",
     )
     ask.add_argument(
         "--tokens-per-frame",
         type=int,
-        default=DEFAULT_TOKENS_PER_FRAME,
+        default=None,
         help=f"visual token budget per frame before pruning (default {DEFAULT_TOKENS_PER_FRAME})",
     )
     ask.add_argument("--max-new-tokens", type=int, default=128)
@@ -74,16 +128,45 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--top-k", type=int, default=0)
     ask.add_argument("--seed", type=int, default=None)
     ask.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    ask.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help=argparse.SUPPRESS)
+    ask.add_argument("--chunk", type=int, default=None, help=argparse.SUPPRESS)
+
+    publish = sub.add_parser(
+        "publish", help="publish a video file, V4L2 camera or RTSP stream to a server (WHIP)"
+    )
+    publish.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="video file, V4L2 device (/dev/video0) or rtsp:// URL (pulled over TCP)",
+    )
+    _add_client_options(publish, server_required=True)
+    publish.add_argument("--loop", action="store_true", help="files: start over at the end")
+    publish.add_argument("--video-size", default=None, help="V4L2: capture size, e.g. 1280x720")
+    publish.add_argument("--framerate", type=float, default=None, help="V4L2: frames per second")
+    publish.add_argument(
+        "--stun", action="append", metavar="URL", help="STUN server (stun:host:port); repeatable"
+    )
+    publish.add_argument(
+        "--no-reconnect",
+        action="store_true",
+        help="stop instead of publishing again when the server restarts or drops the session",
+    )
+
+    sessions = sub.add_parser("sessions", help="list a server's sessions")
+    _add_client_options(sessions, server_required=True)
+    sessions.add_argument("--json", action="store_true", help="print the records as JSON")
+
+    watch = sub.add_parser("watch", help="show a session's progress live until it ends")
+    watch.add_argument("session", metavar="SESSION", help="session id")
+    _add_client_options(watch, server_required=True)
 
     serve = sub.add_parser(
-        "serve", help="run the live service: WHIP/RTSP/HLS ingest, websocket questions, REST"
+        "serve",
+        help="run the live service: WHIP/RTSP/HLS ingest, websocket questions, REST",
+        formatter_class=_ModelDefaultHelp,
     )
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    serve.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"as for `ask` (default {DEFAULT_MODEL})"
-    )
+    serve.add_argument("--model", default=None, help="as for `ask` (default {default_model})")
     serve.add_argument(
         "--redis-url",
         default="redis://localhost:6379/0",
@@ -130,9 +213,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fill_local_defaults(args: argparse.Namespace) -> None:
+    """The defaults of `ask`'s local-only flags (None in the parser; see _LOCAL_ASK_FLAGS)."""
+    from livelens.model.loading import DEFAULT_MODEL
+
+    defaults = {
+        "model": DEFAULT_MODEL,
+        "fps": DEFAULT_FPS,
+        "prune_threshold": DEFAULT_PRUNE_THRESHOLD,
+        "tokens_per_frame": DEFAULT_TOKENS_PER_FRAME,
+        "chunk": DEFAULT_CHUNK,
+    }
+    for dest, value in defaults.items():
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, value)
+
+
+def _is_client(args: argparse.Namespace) -> bool:
+    """A command that talks to a server (and so must not load the model)."""
+    if args.command == "ask" and args.server is None:
+        if args.token is not None:
+            raise UsageError("--token only applies with --server")
+        return False
+    if args.command == "ask":
+        given = [flag for dest, flag in _LOCAL_ASK_FLAGS.items() if getattr(args, dest) is not None]
+        if given:
+            raise UsageError(
+                f"{', '.join(given)} only applies to a local video file, not with --server"
+            )
+    return args.command == "ask" or args.command in CLIENT_COMMANDS
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     # Everything cheap is validated before the model loads, so bad input fails in milliseconds.
     from livelens.model.session import SamplingParams, VideoSession
+
+    _fill_local_defaults(args)
     from livelens.stream.ingest import sample_file
 
     question = VideoSession.validate_question(args.question)
@@ -242,6 +358,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    try:
+        client = _is_client(args)
+    except UsageError as exc:
+        print(f"livelens: error: {exc}", file=sys.stderr)
+        return 2
+    if client:
+        return _client_main(args)
     _quiet_libraries(args.verbose)
     from livelens.model.loading import ModelLoadError
     from livelens.model.session import SessionError
@@ -250,8 +373,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "ask":
             return cmd_ask(args)
         if args.command == "serve":
+            from livelens.model.loading import DEFAULT_MODEL
             from livelens.stream.server import serve
 
+            args.model = args.model or DEFAULT_MODEL
             return serve(args, number=_number)
     except (UsageError, SourceError, ModelLoadError, SessionError) as exc:
         print(f"livelens: error: {exc}", file=sys.stderr)
@@ -260,6 +385,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _client_main(args: argparse.Namespace) -> int:
+    """Run a client command; server and network errors become one line and exit status 2."""
+    from livelens.clients.cli import COMMANDS, ClientUsageError
+    from livelens.clients.client import LiveLensError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ClientUsageError, LiveLensError) as exc:
+        print(f"livelens: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 def _quiet_libraries(verbose: bool) -> None:

@@ -52,14 +52,15 @@ def chromium_available() -> bool:
 
 
 @contextlib.contextmanager
-def serve(app: Any, *, startup_timeout: float = 10.0) -> Iterator[str]:
-    """Serve an ASGI app on a free 127.0.0.1 port in a background thread; yields its base URL.
+def serve(app: Any, *, startup_timeout: float = 10.0, port: int = 0) -> Iterator[str]:
+    """Serve an ASGI app on 127.0.0.1 in a background thread; yields its base URL.
 
+    `port` 0 picks a free port; a fixed one lets a test restart a server where it was.
     Lifespan events run, so an app's shutdown hooks run (on the server's loop) on exit.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(

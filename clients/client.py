@@ -1,0 +1,597 @@
+"""`LiveLensClient`: the server's REST API and question websocket from Python (docs/clients.md).
+
+Async first (httpx for REST, the `websockets` package for questions); `BlockingClient` runs the
+same client on a private event loop in a daemon thread, so scripts and notebooks (whose own loop
+is already running) can call it without `await`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import json
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+ENDED_STATES = ("ended", "failed")
+"""Session states after which no more frames arrive."""
+
+# Close codes of the question websocket (stream/app.py), as the HTTP statuses they mirror.
+_CLOSE_CODES = {
+    4401: ("unauthorized", 401),
+    4404: ("unknown_session", 404),
+    4408: ("too_slow", 408),
+}
+_ERROR_STATUS = {"unauthorized": 401, "unknown_session": 404}
+
+
+# ---------------------------------------------------------------------------------------- errors
+class LiveLensError(Exception):
+    """Anything the client reports: the server refused, or could not be reached."""
+
+
+class ServerError(LiveLensError):
+    """The server refused a request: HTTP status (None on the websocket), stable code, message."""
+
+    def __init__(self, status: int | None, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        where = f"{self.status} {self.code}" if self.status is not None else self.code
+        return f"{self.message} ({where})"
+
+
+class ConnectionFailed(LiveLensError):
+    """The server could not be reached, timed out, or dropped the connection."""
+
+
+def server_url(url: str) -> str:
+    """Check a server base URL (http or https, a host, no query) and drop its trailing slash."""
+    try:
+        parsed = httpx.URL(url.strip())
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise ValueError(f"malformed server URL {url!r}: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"malformed server URL {url!r}: expected http://HOST[:PORT]")
+    if parsed.query or parsed.fragment:
+        raise ValueError(f"malformed server URL {url!r}: it must not have a query or fragment")
+    return str(parsed.copy_with(path=parsed.path.rstrip("/") or "")).rstrip("/")
+
+
+def websocket_url(server: str, session_id: str) -> str:
+    """The question websocket's URL of a session (ws:// or wss://)."""
+    scheme, rest = server.split("://", 1)
+    return f"{'wss' if scheme == 'https' else 'ws'}://{rest}{session_path(session_id)}/ws"
+
+
+def session_path(session_id: str) -> str:
+    if not session_id:
+        raise ValueError("the session id is empty")
+    return f"/v1/sessions/{quote(session_id, safe='')}"
+
+
+def describe_connection_error(exc: BaseException) -> str:
+    """The root cause of a failed connection in a few words ("connection refused")."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError) or (
+            isinstance(seen, OSError) and seen.errno == errno.ECONNREFUSED
+        ):
+            return "connection refused"
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror.lower()
+        seen = seen.__cause__ or seen.__context__
+    return str(exc) or type(exc).__name__
+
+
+def raise_for_response(response: httpx.Response) -> None:
+    """ServerError from an HTTP error's JSON body ({"error": {"code", "message"}})."""
+    if response.is_success:
+        return
+    code, message = "http_error", response.reason_phrase or "request failed"
+    try:
+        body = response.json()
+        code, message = str(body["error"]["code"]), str(body["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        text = response.text.strip()
+        if text:
+            message = text.splitlines()[0][:200]
+    raise ServerError(response.status_code, code, message)
+
+
+# -------------------------------------------------------------------------------------- messages
+def _known(cls: type[T], data: dict[str, Any]) -> dict[str, Any]:
+    """The items of `data` that are fields of `cls` (a newer server may send more)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return {k: v for k, v in data.items() if k in names}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A time span an answer names, in media seconds and as wall clock (ISO-8601, UTC)."""
+
+    start: float
+    end: float
+    start_time: str
+    end_time: str
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Milliseconds: queued behind other work, prefill to first token, received to answered."""
+
+    queue: float
+    ttft: float
+    total: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The final answer to a question (the websocket's `answer` message)."""
+
+    id: str
+    """The question's id (chosen by the client)."""
+    question: str
+    text: str
+    segments: tuple[Segment, ...]
+    stream_position: float
+    """Media time (s) of the last frame the answer saw."""
+    live_edge: float | None
+    lag: float | None
+    latency_ms: Latency
+    asked_at: str
+    answered_at: str
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Answer:
+        fields = _known(cls, data)
+        fields["segments"] = tuple(Segment(**_known(Segment, s)) for s in data["segments"])
+        fields["latency_ms"] = Latency(**_known(Latency, data["latency_ms"]))
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class HistoryEntry(Answer):
+    """One stored answer of a session's history; `id` is the question id as in Answer."""
+
+    entry_id: str = ""
+    """Its Redis Stream id (usable with XREAD on livelens:history:{session})."""
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HistoryEntry:
+        answer = Answer.from_json({**data, "id": data.get("question_id", "")})
+        fields = {f.name: getattr(answer, f.name) for f in dataclasses.fields(Answer)}
+        return cls(**fields, entry_id=str(data.get("id", "")))
+
+
+@dataclass(frozen=True)
+class Status:
+    """A session's progress (the websocket's `status` message)."""
+
+    session_id: str
+    state: str
+    """starting, live, ended or failed."""
+    reason: str | None
+    frames_received: int
+    frames_sampled: int
+    frames_dropped: int
+    frames_in_model: int
+    kept_tokens: int
+    total_tokens: int
+    kept_ratio: float | None
+    kv_tokens: int
+    kv_bytes: int
+    live_edge: float | None
+    stream_position: float | None
+    lag: float | None
+    questions_waiting: int
+    time: str
+
+    @property
+    def finished(self) -> bool:
+        """True once the session is ended or failed."""
+        return self.state in ENDED_STATES
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Status:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class SessionStats:
+    """The progress counters kept with a session's record."""
+
+    frames_received: int = 0
+    frames_sampled: int = 0
+    frames_dropped: int = 0
+    frames_in_model: int = 0
+    kept_ratio: float | None = None
+    kv_tokens: int = 0
+    live_edge: float | None = None
+    stream_position: float | None = None
+    lag: float | None = None
+    gaps: tuple[tuple[float, float], ...] = ()
+    """Media-time spans a pull source was down."""
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A session's record (`GET /v1/sessions/{id}`)."""
+
+    id: str
+    node: str
+    kind: str
+    """whip or pull."""
+    source: str
+    state: str
+    created: str
+    updated: str | None
+    reason: str | None
+    stats: SessionStats
+    status: Status | None = None
+    """The live status, when the node answering holds the session."""
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ENDED_STATES
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SessionInfo:
+        fields = _known(cls, data)
+        stats = dict(data.get("stats") or {})
+        stats["gaps"] = tuple(tuple(g) for g in stats.get("gaps") or ())
+        fields["stats"] = SessionStats(**_known(SessionStats, stats))
+        status = data.get("status")
+        fields["status"] = Status.from_json(status) if status else None
+        fields.setdefault("updated", None)
+        fields.setdefault("reason", None)
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    """A kept thumbnail: media seconds, wall clock, size, and its URL (relative to the server)."""
+
+    time: float
+    wall_time: str
+    width: int
+    height: int
+    url: str
+
+
+# ---------------------------------------------------------------------------------------- client
+class LiveLensClient:
+    """Async client of one LiveLens server; use as `async with LiveLensClient(url) as client`."""
+
+    def __init__(self, server: str, *, token: str | None = None, timeout: float = 10.0) -> None:
+        self.server = server_url(server)
+        self.token = token or None
+        self.timeout = timeout
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(base_url=self.server, headers=self._headers, timeout=timeout)
+
+    @classmethod
+    def blocking(
+        cls, server: str, *, token: str | None = None, timeout: float = 10.0
+    ) -> BlockingClient:
+        """The same client for synchronous code (scripts, notebooks)."""
+        return BlockingClient(server, token=token, timeout=timeout)
+
+    async def __aenter__(self) -> LiveLensClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ---------------------------------------------------------------------------------- REST
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            raise ConnectionFailed(
+                f"the server at {self.server} did not answer within {self.timeout:g} s"
+            ) from None
+        except httpx.TransportError as exc:
+            raise ConnectionFailed(
+                f"cannot reach the server at {self.server}: {describe_connection_error(exc)}"
+            ) from None
+        raise_for_response(response)
+        return response
+
+    async def sessions(self) -> list[SessionInfo]:
+        """Every session of every node, as the registry lists them."""
+        response = await self._request("GET", "/v1/sessions")
+        return [SessionInfo.from_json(r) for r in response.json()["sessions"]]
+
+    async def session(self, session_id: str) -> SessionInfo:
+        response = await self._request("GET", session_path(session_id))
+        return SessionInfo.from_json(response.json())
+
+    async def start_pull(
+        self,
+        source: str,
+        *,
+        fps: float | None = None,
+        prune_threshold: float | None = None,
+        realtime: bool = True,
+        loop: bool = False,
+    ) -> SessionInfo:
+        """Have the server pull `source` (rtsp://, an HLS .m3u8 URL, or a path on the server)."""
+        body: dict[str, Any] = {"source": source, "realtime": realtime, "loop": loop}
+        if fps is not None:
+            body["fps"] = fps
+        if prune_threshold is not None:
+            body["prune_threshold"] = prune_threshold
+        response = await self._request("POST", "/v1/sessions", json=body)
+        return SessionInfo.from_json(response.json())
+
+    async def delete(self, session_id: str) -> SessionInfo:
+        """End a session and free its KV cache; returns its final record."""
+        response = await self._request("DELETE", session_path(session_id))
+        return SessionInfo.from_json(response.json())
+
+    async def history(self, session_id: str, count: int | None = None) -> list[HistoryEntry]:
+        """The session's answers, oldest first; `count` keeps the most recent ones."""
+        params = {"count": count} if count is not None else None
+        response = await self._request("GET", f"{session_path(session_id)}/history", params=params)
+        return [HistoryEntry.from_json(e) for e in response.json()["entries"]]
+
+    async def thumbnails(
+        self, session_id: str, start: float | None = None, end: float | None = None
+    ) -> list[Thumbnail]:
+        """The kept thumbnails with media time in [start, end], oldest first."""
+        params = {k: v for k, v in (("start", start), ("end", end)) if v is not None}
+        response = await self._request(
+            "GET", f"{session_path(session_id)}/thumbnails", params=params
+        )
+        return [Thumbnail(**_known(Thumbnail, t)) for t in response.json()["thumbnails"]]
+
+    async def thumbnail(self, session_id: str, at: float) -> bytes:
+        """The JPEG of the kept frame nearest to media second `at`."""
+        response = await self._request(
+            "GET", f"{session_path(session_id)}/thumbnail", params={"at": at}
+        )
+        return response.content
+
+    # ----------------------------------------------------------------------------- websocket
+    @contextlib.asynccontextmanager
+    async def _socket(self, session_id: str) -> AsyncIterator[tuple[ClientConnection, Status]]:
+        """The session's question websocket and the status the server greets with."""
+        url = websocket_url(self.server, session_id)
+        try:
+            ws = await connect(
+                url, additional_headers=self._headers, open_timeout=self.timeout, proxy=None
+            )
+        except InvalidStatus as exc:
+            raise_for_response(
+                httpx.Response(exc.response.status_code, content=exc.response.body or b"")
+            )
+            raise ConnectionFailed(f"websocket refused: {exc}") from None
+        except (InvalidURI, InvalidHandshake) as exc:
+            raise ConnectionFailed(f"cannot open the websocket {url}: {exc}") from None
+        except TimeoutError:
+            raise ConnectionFailed(f"the websocket {url} did not open in time") from None
+        except OSError as exc:
+            raise ConnectionFailed(
+                f"cannot reach the server at {self.server}: {describe_connection_error(exc)}"
+            ) from None
+        try:
+            first = await self._receive(ws)
+            if first is None or first.get("type") != "status":
+                raise ConnectionFailed(f"unexpected greeting from the server: {first}")
+            yield ws, Status.from_json(first)
+        finally:
+            await ws.close()
+
+    async def _receive(self, ws: ClientConnection) -> dict[str, Any] | None:
+        """The next message (error messages raised as ServerError); None on a normal close."""
+        try:
+            raw = await ws.recv()
+        except ConnectionClosed as exc:
+            close = exc.rcvd
+            if close is not None and close.code in _CLOSE_CODES:
+                code, status = _CLOSE_CODES[close.code]
+                raise ServerError(status, code, close.reason or code) from None
+            if close is not None and close.code in (1000, 1001):
+                return None
+            raise ConnectionFailed(f"the server closed the connection: {exc}") from None
+        message = json.loads(raw)
+        if message.get("type") == "error" and message.get("id") is None:
+            raise _error(message)
+        return message
+
+    async def ask(
+        self,
+        session_id: str,
+        question: str,
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        question_id: str | None = None,
+    ) -> AsyncIterator[str | Answer]:
+        """Ask about the video so far: yields the answer's text pieces, then the `Answer`.
+
+        Closing the iterator early cancels the question on the server.
+        """
+        qid = question_id or uuid.uuid4().hex[:16]
+        message: dict[str, Any] = {"type": "ask", "id": qid, "question": question}
+        sampling = {
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "seed": seed,
+        }
+        message.update({k: v for k, v in sampling.items() if v is not None})
+        async with self._socket(session_id) as (ws, _):
+            await ws.send(json.dumps(message))
+            answered = False
+            try:
+                while True:
+                    reply = await self._receive(ws)
+                    if reply is None:
+                        raise ConnectionFailed("the server closed the connection before answering")
+                    if reply.get("id") != qid:
+                        continue  # status messages
+                    if reply["type"] == "token":
+                        yield reply["text"]
+                    elif reply["type"] == "answer":
+                        answered = True
+                        yield Answer.from_json(reply)
+                        return
+                    elif reply["type"] == "error":
+                        answered = True  # nothing left to cancel
+                        raise _error(reply)
+            finally:
+                if not answered:
+                    with contextlib.suppress(ConnectionClosed, OSError):
+                        await ws.send(json.dumps({"type": "cancel", "id": qid}))
+
+    async def answer(self, session_id: str, question: str, **sampling: Any) -> Answer:
+        """Ask and wait for the whole answer."""
+        async for piece in self.ask(session_id, question, **sampling):
+            if isinstance(piece, Answer):
+                return piece
+        raise ConnectionFailed("no answer")  # pragma: no cover (ask ends with one or raises)
+
+    async def watch(self, session_id: str) -> AsyncIterator[Status]:
+        """The session's status messages, from the current one until it is ended or failed."""
+        async with self._socket(session_id) as (ws, status):
+            yield status
+            while not status.finished:
+                message = await self._receive(ws)
+                if message is None:
+                    raise ConnectionFailed("the server closed the connection")
+                if message.get("type") == "status":
+                    status = Status.from_json(message)
+                    yield status
+
+
+def _error(message: dict[str, Any]) -> ServerError:
+    code = str(message.get("code", "error"))
+    return ServerError(_ERROR_STATUS.get(code), code, str(message.get("message", code)))
+
+
+# -------------------------------------------------------------------------------------- blocking
+class BlockingClient:
+    """LiveLensClient for synchronous code: a private event loop in a daemon thread runs it.
+
+    Works inside Jupyter, whose own loop is already running in the calling thread.
+    """
+
+    def __init__(self, server: str, *, token: str | None = None, timeout: float = 10.0) -> None:
+        server = server_url(server)  # bad URLs fail here, before a thread exists
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="livelens-client", daemon=True
+        )
+        self._thread.start()
+
+        async def make() -> LiveLensClient:
+            return LiveLensClient(server, token=token, timeout=timeout)
+
+        self.client = self._call(make())
+        """The async client, bound to the private loop."""
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._loop.is_closed():
+            coro.close()
+            raise RuntimeError("the client is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def close(self) -> None:
+        """Close the connections, stop the loop and its thread; idempotent."""
+        if self._loop.is_closed():
+            return
+        self._call(self.client.aclose())
+        self._call(self._loop.shutdown_asyncgens())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> BlockingClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def sessions(self) -> list[SessionInfo]:
+        return self._call(self.client.sessions())
+
+    def session(self, session_id: str) -> SessionInfo:
+        return self._call(self.client.session(session_id))
+
+    def start_pull(self, source: str, **options: Any) -> SessionInfo:
+        return self._call(self.client.start_pull(source, **options))
+
+    def delete(self, session_id: str) -> SessionInfo:
+        return self._call(self.client.delete(session_id))
+
+    def history(self, session_id: str, count: int | None = None) -> list[HistoryEntry]:
+        return self._call(self.client.history(session_id, count))
+
+    def thumbnails(
+        self, session_id: str, start: float | None = None, end: float | None = None
+    ) -> list[Thumbnail]:
+        return self._call(self.client.thumbnails(session_id, start, end))
+
+    def thumbnail(self, session_id: str, at: float) -> bytes:
+        return self._call(self.client.thumbnail(session_id, at))
+
+    def ask(
+        self,
+        session_id: str,
+        question: str,
+        *,
+        on_token: Callable[[str], object] | None = None,
+        **sampling: Any,
+    ) -> Answer:
+        """Ask and return the Answer; `on_token` is called with each piece as it arrives."""
+        for piece in self.stream(session_id, question, **sampling):
+            if isinstance(piece, Answer):
+                return piece
+            if on_token is not None:
+                on_token(piece)
+        raise ConnectionFailed("no answer")  # pragma: no cover (ask ends with one or raises)
+
+    def stream(self, session_id: str, question: str, **sampling: Any) -> Iterator[str | Answer]:
+        """As LiveLensClient.ask: the answer's pieces as they arrive, then the Answer."""
+        return self._iterate(self.client.ask(session_id, question, **sampling))
+
+    def watch(self, session_id: str) -> Iterator[Status]:
+        return self._iterate(self.client.watch(session_id))
+
+    def _iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+        try:
+            while True:
+                try:
+                    yield self._call(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            if not self._loop.is_closed():
+                self._call(agen.aclose())  # type: ignore[attr-defined]
