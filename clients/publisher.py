@@ -52,9 +52,8 @@ _TIME_BASE = Fraction(1, 90000)
 _FATAL_STATUSES = frozenset({400, 401, 403, 406, 413, 415, 422})
 """WHIP refusals that publishing again cannot fix (bad token, unusable offer or media)."""
 # Reasons the server records (stream/whip.py, stream/service.py) when someone ended the session
-# on purpose: `DELETE /v1/sessions/{id}` (recorded as the WHIP DELETE it performs, which we did
-# not send). Such a session is not published again; every other end (server shutting down,
-# ICE/DTLS failure) is.
+# on purpose: a WHIP DELETE, or `DELETE /v1/sessions/{id}`. Such a session is not published
+# again; every other end (server shutting down, ICE/DTLS failure) is.
 _DELIBERATE_ENDS = frozenset({"publisher sent DELETE", "deleted through the API"})
 
 

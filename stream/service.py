@@ -217,13 +217,14 @@ class LiveService:
         session = self.sessions.get(session_id)
         if session is None:
             return False
+        # Finished first, so the record says why, not what stopping the source reports.
+        session.finish("deleted through the API")
         source = self.pulls.pop(session_id, None)
         if source is not None:
             await asyncio.to_thread(source.stop)
         closer = self.closers.get(session.kind)
         if closer is not None:
             await closer(session_id)
-        session.finish("deleted through the API")
         session.release_model()
         await asyncio.sleep(0)
         await self._sync_record(session)

@@ -168,7 +168,8 @@ def test_session_deleted_through_the_api_is_not_republished(tiny_model, second) 
                 Publisher(url, str(second), token=TOKEN, loop=True, poll_interval=0.2) as pub,
                 LiveLensClient(url, token=TOKEN) as client,
             ):
-                await client.delete(pub.session_id)  # type: ignore[arg-type]
+                deleted = await client.delete(pub.session_id)  # type: ignore[arg-type]
+                assert (deleted.state, deleted.reason) == ("ended", "deleted through the API")
                 await asyncio.wait_for(pub.wait(), timeout=10)
                 assert pub.reconnects == 0 and len(await client.sessions()) == 1
 
