@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default=None,
         help="hub id or local directory of a VideoLLaMA3 checkpoint, or 'tiny' (offline test "
-        "model); default {default_model}",
+        "model); default $LIVELENS_MODEL, else {default_model}",
     )
     ask.add_argument(
         "--fps", default=None, help=f"frames sampled per media second (default {DEFAULT_FPS})"
@@ -166,7 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    serve.add_argument("--model", default=None, help="as for `ask` (default {default_model})")
+    serve.add_argument(
+        "--model",
+        default=None,
+        help="as for `ask` (default $LIVELENS_MODEL, else {default_model})",
+    )
     serve.add_argument(
         "--redis-url",
         default="redis://localhost:6379/0",
@@ -213,12 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fill_local_defaults(args: argparse.Namespace) -> None:
-    """The defaults of `ask`'s local-only flags (None in the parser; see _LOCAL_ASK_FLAGS)."""
+def default_model() -> str:
+    """--model when not given: $LIVELENS_MODEL (e.g. set once in a container), else the 2B."""
     from livelens.model.loading import DEFAULT_MODEL
 
+    return os.environ.get("LIVELENS_MODEL") or DEFAULT_MODEL
+
+
+def _fill_local_defaults(args: argparse.Namespace) -> None:
+    """The defaults of `ask`'s local-only flags (None in the parser; see _LOCAL_ASK_FLAGS)."""
     defaults = {
-        "model": DEFAULT_MODEL,
+        "model": default_model(),
         "fps": DEFAULT_FPS,
         "prune_threshold": DEFAULT_PRUNE_THRESHOLD,
         "tokens_per_frame": DEFAULT_TOKENS_PER_FRAME,
@@ -373,10 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "ask":
             return cmd_ask(args)
         if args.command == "serve":
-            from livelens.model.loading import DEFAULT_MODEL
             from livelens.stream.server import serve
 
-            args.model = args.model or DEFAULT_MODEL
+            args.model = args.model or default_model()
             return serve(args, number=_number)
     except (UsageError, SourceError, ModelLoadError, SessionError) as exc:
         print(f"livelens: error: {exc}", file=sys.stderr)
