@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 from browser import serve
-from media_servers import closed_port
+from media_servers import RtspServer, closed_port
 from service_harness import fast_config
-from videos import make_video
+from videos import make_video, read_index
 
 from livelens.clients import ConnectionFailed, LiveLensClient, Publisher, ServerError
 from livelens.clients.publisher import SourceUnavailable
@@ -91,6 +91,29 @@ def test_looping_file_keeps_publishing_past_its_end(tiny_model, second) -> None:
                 assert session.status()["state"] == "live"
 
         asyncio.run(scenario())
+
+
+def test_rtsp_camera_is_republished_over_whip(tiny_model, tmp_path) -> None:
+    """An RTSP camera (GStreamer's RTSP server) relayed over WHIP: its pictures reach the model."""
+    clip = make_video(tmp_path / "camera.mp4", frames=60, fps=15, width=320, height=240)
+    camera = RtspServer(clip.path)
+    try:
+        with running(tiny_model) as (url, service):
+
+            async def scenario() -> None:
+                async with Publisher(url, camera.url, token=TOKEN) as publisher:
+                    session = service.get(publisher.session_id or "")
+                    assert session is not None
+                    await until(lambda: session.status()["frames_in_model"] >= 2)
+                    assert session.last_sampled is not None
+                    # The picture survived RTSP, decoding, VP8 over WebRTC and decoding again.
+                    frame_number = read_index(session.last_sampled[1])
+                    assert 0 < frame_number < 60
+                    assert publisher.reconnects == 0
+
+            asyncio.run(scenario())
+    finally:
+        camera.stop()
 
 
 def test_file_end_stops_publishing_and_close_deletes(tiny_model, second) -> None:
