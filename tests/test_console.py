@@ -22,7 +22,9 @@ import httpx
 import pytest
 import redis
 from browser import CHROMIUM, chromium_available, serve
+from media_servers import RtspServer
 from service_harness import SteeredRunner, fast_config
+from videos import make_video
 from y4m import write_y4m
 
 from livelens.stream.app import create_app
@@ -282,3 +284,41 @@ def test_console_assets_are_served_without_external_urls(server) -> None:
         assert served.status_code == 200, asset
         assert "http://" not in served.text and "https://" not in served.text, asset
     assert "http://" not in page.text and "https://" not in page.text
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_pull_an_rtsp_camera_from_the_console_and_ask(server, browser, tmp_path) -> None:
+    """The pull form starts an RTSP session (GStreamer's RTSP server); the console picks it."""
+    url, service = server
+    expect = sync_api.expect
+    clip = make_video(tmp_path / "camera.mp4", frames=90, fps=15, width=320, height=240)
+    camera = RtspServer(clip.path)
+    try:
+        context, page, errors = _open(browser, url)
+        _enter_token(page, TOKEN)
+        page.get_by_label("Pull a stream (RTSP, HLS, file)").fill(camera.url)
+        page.get_by_role("button", name="Start", exact=True).click()
+        page.wait_for_function("() => document.body.dataset.session === 'selected'")
+        sid = page.evaluate("new URLSearchParams(location.hash.slice(1)).get('session')")
+        assert service.sessions[sid].kind == "pull" and service.sessions[sid].source == camera.url
+        expect(page.locator(f'#session-list [data-session="{sid}"]')).to_have_attribute(
+            "aria-current", "true"
+        )
+        page.wait_for_function(
+            "() => Number(document.getElementById('stats').dataset.streamPosition) >= 2.0",
+            timeout=60_000,
+        )
+        page.get_by_label("Question about the video so far").fill(QUESTION)
+        page.get_by_role("button", name="Ask", exact=True).click()
+        expect(page.locator("#answer-card")).to_have_attribute("data-state", "done", timeout=60_000)
+        assert page.locator("#answer-text").inner_text() == STEERED
+        segment = page.get_by_role("button", name="segment 0.5 to 1.5 s").first
+        segment.click()
+        frames = _frames_loaded(page)
+        assert frames and all(0.5 <= f["time"] <= 1.5 for f in frames)
+        _screenshot(page, tmp_path, "rtsp-session")
+        assert not errors, errors
+        context.close()
+    finally:
+        camera.stop()
