@@ -118,6 +118,24 @@ def raise_for_response(response: httpx.Response) -> None:
 
 
 # -------------------------------------------------------------------------------------- messages
+async def send(
+    http: httpx.AsyncClient, server: str, timeout: float, method: str, url: str, **kwargs: Any
+) -> httpx.Response:
+    """One request: transport failures raise ConnectionFailed, error statuses ServerError."""
+    try:
+        response = await http.request(method, url, **kwargs)
+    except httpx.TimeoutException:
+        raise ConnectionFailed(
+            f"the server at {server} did not answer within {timeout:g} s"
+        ) from None
+    except httpx.TransportError as exc:
+        raise ConnectionFailed(
+            f"cannot reach the server at {server}: {describe_connection_error(exc)}"
+        ) from None
+    raise_for_response(response)
+    return response
+
+
 def _known(cls: type[T], data: dict[str, Any]) -> dict[str, Any]:
     """The items of `data` that are fields of `cls` (a newer server may send more)."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -306,18 +324,7 @@ class LiveLensClient:
 
     # ---------------------------------------------------------------------------------- REST
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = await self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException:
-            raise ConnectionFailed(
-                f"the server at {self.server} did not answer within {self.timeout:g} s"
-            ) from None
-        except httpx.TransportError as exc:
-            raise ConnectionFailed(
-                f"cannot reach the server at {self.server}: {describe_connection_error(exc)}"
-            ) from None
-        raise_for_response(response)
-        return response
+        return await send(self._http, self.server, self.timeout, method, path, **kwargs)
 
     async def sessions(self) -> list[SessionInfo]:
         """Every session of every node, as the registry lists them."""

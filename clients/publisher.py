@@ -37,7 +37,7 @@ from livelens.clients.client import (
     LiveLensError,
     ServerError,
     describe_connection_error,
-    raise_for_response,
+    send,
     server_url,
     session_path,
     websocket_url,
@@ -392,20 +392,15 @@ class Publisher:
 
     async def _post_offer(self, sdp: str) -> httpx.Response:
         assert self._http is not None
-        try:
-            response = await self._http.post(
-                f"{self.server}/whip", content=sdp, headers={"Content-Type": "application/sdp"}
-            )
-        except httpx.TimeoutException:
-            raise ConnectionFailed(
-                f"the server at {self.server} did not answer within {self.timeout:g} s"
-            ) from None
-        except httpx.TransportError as exc:
-            raise ConnectionFailed(
-                f"cannot reach the server at {self.server}: {describe_connection_error(exc)}"
-            ) from None
-        raise_for_response(response)
-        return response
+        return await send(
+            self._http,
+            self.server,
+            self.timeout,
+            "POST",
+            f"{self.server}/whip",
+            content=sdp,
+            headers={"Content-Type": "application/sdp"},
+        )
 
     async def _delete(self, resource: str) -> None:
         """Best effort: the server may be gone already."""
