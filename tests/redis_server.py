@@ -6,14 +6,17 @@ it skips with a reason when redis-server is not installed.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
 REDIS_SERVER = "redis-server"
 _START_TIMEOUT_S = 10.0
@@ -98,6 +101,15 @@ class RedisServer:
             process.communicate()
         if process.stderr is not None:
             process.stderr.close()
+
+    def history(self, session_id: str) -> list[dict[str, Any]]:
+        """A session's answers as stored in its Redis Stream, read with a plain redis client."""
+        client = redis.Redis.from_url(self.url, decode_responses=True)
+        try:
+            entries = client.xrange(f"livelens:history:{session_id}")
+            return [json.loads(fields["entry"]) for _, fields in entries]
+        finally:
+            client.close()
 
     def restart(self) -> None:
         """Stop and start again on the same port: an empty server, as after a crash."""

@@ -10,7 +10,6 @@ docs/screenshots/console.png (the README's picture).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -20,7 +19,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from browser import CHROMIUM, chromium_available, serve
 from media_servers import RtspServer
 from service_harness import SteeredRunner, fast_config
@@ -100,14 +98,6 @@ def _screenshot(page: Any, tmp_path: Path, name: str, *, publish: bool = False) 
 def _enter_token(page: Any, token: str) -> None:
     page.get_by_label("API token").fill(token)
     page.get_by_role("button", name="Save", exact=True).click()
-
-
-def _history_in_redis(redis_url: str, session_id: str) -> list[dict]:
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
-    try:
-        return [json.loads(f["entry"]) for _, f in r.xrange(f"livelens:history:{session_id}")]
-    finally:
-        r.close()
 
 
 def _frames_loaded(page: Any) -> list[dict]:
@@ -207,7 +197,7 @@ def test_publish_ask_timeline_thumbnails_history(server, browser, redis_server, 
     _screenshot(page, tmp_path, "2-segment-frames", publish=True)
 
     # A reload (another tab: this one keeps publishing) gets token, session and history back.
-    assert [h["text"] for h in _history_in_redis(redis_server.url, sid)] == [STEERED]
+    assert [h["text"] for h in redis_server.history(sid)] == [STEERED]
     other = context.new_page()
     other.goto(f"{url}/#session={sid}")
     item = other.locator("#history .history-item")

@@ -68,14 +68,6 @@ def _assert_answer(answer: dict, tokens: list[str], session: Any) -> None:
         assert 0 <= segment["start"] <= segment["end"] <= answer["stream_position"]
 
 
-def _history_in_redis(redis_url: str, session_id: str) -> list[dict]:
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
-    try:
-        return [json.loads(f["entry"]) for _, f in r.xrange(f"livelens:history:{session_id}")]
-    finally:
-        r.close()
-
-
 def _sampled_index(session: Any) -> int:
     assert session.last_sampled is not None
     return read_index(session.last_sampled[1])
@@ -118,7 +110,7 @@ def test_chromium_publishes_over_whip_and_questions_are_answered(server, tmp_pat
         )
     )
     assert "DELETE" in record["reason"]
-    history = _history_in_redis(redis_server.url, sid)
+    history = redis_server.history(sid)
     assert [(h["question_id"], h["text"]) for h in history] == [("e2e", answer["text"])]
     r = redis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
@@ -160,5 +152,5 @@ def test_ffmpeg_whip_muxer_publishes_and_questions_are_answered(server, tmp_path
         timeout=30,
     )
     assert "DELETE" in record["reason"]
-    history = _history_in_redis(redis_server.url, sid)
+    history = redis_server.history(sid)
     assert [h["question_id"] for h in history] == ["e2e"]
