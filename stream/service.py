@@ -311,21 +311,24 @@ class LiveService:
         self.metrics.redis_connected.set(1 if self.registry.connected else 0)
 
 
+STATS_KEYS = (
+    "frames_received",
+    "frames_sampled",
+    "frames_dropped",
+    "frames_in_model",
+    "kept_ratio",
+    "kv_tokens",
+    "live_edge",
+    "stream_position",
+    "lag",
+)
+"""The status fields a session's registry record keeps (plus its gaps)."""
+
+
 def _stats(session: LiveSession, status: dict[str, Any] | None = None) -> dict[str, Any]:
     """The registry's stats of a session, from its status message (computed if not given)."""
     status = status or session.status()
-    keys = (
-        "frames_received",
-        "frames_sampled",
-        "frames_dropped",
-        "frames_in_model",
-        "kept_ratio",
-        "kv_tokens",
-        "live_edge",
-        "stream_position",
-        "lag",
-    )
-    stats = {k: status[k] for k in keys}
+    stats = {k: status[k] for k in STATS_KEYS}
     stats["gaps"] = [list(g) for g in session.gaps]
     return stats
 

@@ -233,3 +233,28 @@ def test_errors_name_the_cause(tiny_model, clip) -> None:
             LiveLensClient(bad_url)
         with pytest.raises(ValueError, match="malformed server URL"):
             BlockingClient(bad_url)
+
+
+def test_client_types_mirror_the_server_messages() -> None:
+    """The client keeps its own dataclasses (it must not import the server, which loads torch)
+    and drops fields it does not know; so any field the server adds or renames is caught here."""
+    import dataclasses
+
+    from livelens.clients.client import Latency, Segment, SessionStats, Thumbnail
+    from livelens.stream import protocol
+    from livelens.stream.registry import SessionRecord
+    from livelens.stream.service import STATS_KEYS
+
+    def names(cls: type) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def message(model: type) -> set[str]:
+        return set(model.model_fields) - {"type"}
+
+    assert names(Status) == message(protocol.StatusMessage)
+    assert names(Answer) == message(protocol.AnswerMessage)
+    assert names(Segment) == message(protocol.SegmentOut)
+    assert names(Latency) == message(protocol.LatencyOut)
+    assert names(Thumbnail) == message(protocol.ThumbnailOut)
+    assert names(SessionInfo) == names(SessionRecord) | {"status"}
+    assert names(SessionStats) == {*STATS_KEYS, "gaps"}
