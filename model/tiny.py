@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -156,7 +157,7 @@ _WORDS = (
 )
 
 
-def _training_corpus(seed: int) -> list[str]:
+def _training_corpus(seed: int, extra: Sequence[str] = ()) -> list[str]:
     """A fixed, seed-determined corpus that covers the prompt's time labels and question words."""
     rng = random.Random(seed)
     lines = [f"Time {t / 10:.1f}s:" for t in range(0, 6000, 7)]
@@ -166,11 +167,16 @@ def _training_corpus(seed: int) -> list[str]:
     ]
     for _ in range(3000):
         lines.append(" ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12))))
-    return lines
+    return lines + list(extra)
 
 
-def build_tokenizer(seed: int = 0, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """Train the tiny byte-level BPE tokenizer and wrap it as a transformers fast tokenizer."""
+def build_tokenizer(
+    seed: int = 0, vocab_size: int = 1024, extra: Sequence[str] = ()
+) -> PreTrainedTokenizerFast:
+    """Train the tiny byte-level BPE tokenizer and wrap it as a transformers fast tokenizer.
+
+    `extra` lines join the corpus (the grounding model adds its questions and answers).
+    """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -185,7 +191,7 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 1024) -> PreTrainedTokenize
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_training_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(_training_corpus(seed, extra), trainer=trainer)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
