@@ -1,6 +1,7 @@
 """Resolve `--model` to a loaded transformers VideoLLaMA3 (native classes, no remote code).
 
-Accepted specs: `tiny` (built offline), a local directory, or a Hugging Face hub id. Checkpoints
+Accepted specs: `tiny` (random weights, built offline), `tiny-grounding` (trained on generated
+scenes, shipped in the package), a local directory, or a Hugging Face hub id. Checkpoints
 in the original remote-code format (DAMO-NLP-SG/VideoLLaMA3-2B/-7B) are converted once into the
 native format and the converted copy is cached on disk.
 """
@@ -21,6 +22,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "DAMO-NLP-SG/VideoLLaMA3-2B"
 TINY = "tiny"
+TINY_GROUNDING = "tiny-grounding"
+# The trained toy model ships inside the package (model/tiny_grounding/, see model/training.py).
+TINY_GROUNDING_DIR = Path(__file__).parent / "tiny_grounding"
+# Optional file in a checkpoint: how LiveLens should feed it (written by model/training.py).
+LIVELENS_JSON = "livelens.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Only what a VideoLLaMA3 checkpoint needs; skips the original repos' demo media and code.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "merges.txt"]
@@ -41,6 +47,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     video_token_id: int
+    tokens_per_frame: int | None = None
+    """The per-frame token budget the checkpoint was trained at, when it says (livelens.json)."""
 
 
 def default_cache_dir() -> Path:
@@ -60,6 +68,10 @@ def resolve_checkpoint(spec: str, cache_dir: Path | None = None) -> Path:
         from livelens.model.tiny import tiny_checkpoint
 
         return tiny_checkpoint(cache_dir)
+    if spec == TINY_GROUNDING:
+        if not (TINY_GROUNDING_DIR / "config.json").is_file():
+            raise ModelLoadError(f"the tiny grounding model is missing from {TINY_GROUNDING_DIR}")
+        return TINY_GROUNDING_DIR
     path = Path(spec).expanduser()
     if spec.strip() and path.exists():
         if not (path / "config.json").is_file():
@@ -68,7 +80,8 @@ def resolve_checkpoint(spec: str, cache_dir: Path | None = None) -> Path:
     if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
         raise ModelLoadError(
             f"unknown model {spec!r}: give a hub id (owner/name), a local checkpoint directory, "
-            "or 'tiny' for the built-in offline test model"
+            "'tiny-grounding' (the offline toy model trained on generated scenes) or 'tiny' "
+            "(random weights)"
         )
     return _native_dir(_download(spec), cache_dir)
 
@@ -119,6 +132,21 @@ def _native_dir(path: Path, cache_dir: Path) -> Path:
     return dst
 
 
+def preferred_tokens_per_frame(path: Path) -> int | None:
+    """The token budget per frame a checkpoint asks for in its livelens.json, if any."""
+    try:
+        value = json.loads((Path(path) / LIVELENS_JSON).read_text()).get("tokens_per_frame")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"{path}: unreadable {LIVELENS_JSON} ({exc})") from None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ModelLoadError(f"{path}: {LIVELENS_JSON} tokens_per_frame must be > 0: {value!r}")
+    return value
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,
@@ -150,4 +178,5 @@ def load_model(
         device=device,
         dtype=dtype,
         video_token_id=int(model.config.video_token_id),
+        tokens_per_frame=preferred_tokens_per_frame(path),
     )

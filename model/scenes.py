@@ -161,6 +161,17 @@ class Scene:
             ],
         }
 
+    def boxes(self, t: float) -> list[tuple[SceneObject, tuple[float, float, float, float]]]:
+        """Objects drawn at media time t with their boxes (x0, y0, x1, y1) in pixels, in drawing
+        order (later ones on top); boxes may extend past the frame while entering or leaving."""
+        out = []
+        for obj in sorted(self.objects, key=lambda o: o.size):
+            for occ in obj.occurrences:
+                centre = occ.position(t)
+                if centre is not None:
+                    out.append((obj, _box(obj, centre, self.width, self.height)))
+        return out
+
     # ---------------------------------------------------------------- pixels
     def _noise(self, rng: np.random.Generator) -> np.ndarray:
         """This frame's sensor noise: a random window of the scene's noise bank, random sign."""
@@ -179,11 +190,8 @@ class Scene:
         same moment always renders the same pixels.
         """
         image = self._background.astype(np.int16)
-        for obj in sorted(self.objects, key=lambda o: o.size):  # small ones drawn on top
-            for occ in obj.occurrences:
-                centre = occ.position(t)
-                if centre is not None:
-                    _draw(image, obj, centre)
+        for obj, box in self.boxes(t):  # small ones drawn last, on top
+            _draw(image, obj, box)
         index = round(t * self.fps) if index is None else index
         rng = np.random.default_rng((self.seed, index))
         if self.noise > 0:
@@ -381,14 +389,21 @@ def _aspect(shape: str) -> float:
     return {"ball": 1.0, "box": 1.0, "car": 2.0, "person": 0.42}[shape]
 
 
-def _draw(image: np.ndarray, obj: SceneObject, centre: tuple[float, float]) -> None:
-    height, width = image.shape[:2]
+def _box(
+    obj: SceneObject, centre: tuple[float, float], width: int, height: int
+) -> tuple[float, float, float, float]:
     h = obj.size * height
     w = _aspect(obj.shape) * h
     cx, cy = centre[0] * width, centre[1] * height
+    return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+
+
+def _draw(image: np.ndarray, obj: SceneObject, box: tuple[float, float, float, float]) -> None:
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     colour = np.array(COLOURS[obj.colour], np.int16)
     dark = colour // 3
-    x0, y0 = cx - w / 2, cy - h / 2
     if obj.shape == "ball":
         _ellipse(image, cx, cy, w / 2, h / 2, colour)
         _ellipse(

@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens-per-frame",
         type=int,
         default=None,
-        help=f"visual token budget per frame before pruning (default {DEFAULT_TOKENS_PER_FRAME})",
+        help="visual token budget per frame before pruning (default: what the checkpoint "
+        f"asks for in its livelens.json, else {DEFAULT_TOKENS_PER_FRAME})",
     )
     ask.add_argument("--max-new-tokens", type=int, default=128)
     ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -182,7 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--prune-threshold", default="0.1", help="default DiffFP threshold (see `ask`)"
     )
-    serve.add_argument("--tokens-per-frame", type=int, default=DEFAULT_TOKENS_PER_FRAME)
+    serve.add_argument(
+        "--tokens-per-frame",
+        type=int,
+        default=None,
+        help="visual token budget per frame (default: the checkpoint's livelens.json, else "
+        f"{DEFAULT_TOKENS_PER_FRAME})",
+    )
     serve.add_argument(
         "--token",
         default=None,
@@ -231,12 +238,20 @@ def _fill_local_defaults(args: argparse.Namespace) -> None:
         "model": default_model(),
         "fps": DEFAULT_FPS,
         "prune_threshold": DEFAULT_PRUNE_THRESHOLD,
-        "tokens_per_frame": DEFAULT_TOKENS_PER_FRAME,
         "chunk": DEFAULT_CHUNK,
     }
     for dest, value in defaults.items():
         if getattr(args, dest, None) is None:
             setattr(args, dest, value)
+
+
+def model_tokens_per_frame(spec: str, preferred: int | None = None) -> int:
+    """The per-frame token budget for a model: the checkpoint's own, else the default."""
+    if preferred is None:
+        from livelens.model.loading import preferred_tokens_per_frame, resolve_checkpoint
+
+        preferred = preferred_tokens_per_frame(resolve_checkpoint(spec))
+    return preferred or DEFAULT_TOKENS_PER_FRAME
 
 
 def _is_client(args: argparse.Namespace) -> bool:
@@ -264,7 +279,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     question = VideoSession.validate_question(args.question)
     fps = _number("--fps", args.fps, zero_ok=False)
     threshold = _number("--prune-threshold", args.prune_threshold, zero_ok=True)
-    if args.tokens_per_frame <= 0:
+    if args.tokens_per_frame is not None and args.tokens_per_frame <= 0:
         raise UsageError(f"--tokens-per-frame must be > 0, got {args.tokens_per_frame}")
     if args.chunk <= 0:
         raise UsageError(f"--chunk must be > 0, got {args.chunk}")
@@ -275,6 +290,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
     )
+    if args.tokens_per_frame is None:
+        args.tokens_per_frame = model_tokens_per_frame(args.model)
     grid, frames = sample_file(
         args.video, fps=fps, tokens_per_frame=args.tokens_per_frame, on_progress=None
     )

@@ -20,6 +20,7 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
     from livelens.model.loading import load_model
     from livelens.model.runner import ModelRunner
     from livelens.stream.app import create_app
+    from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME
     from livelens.stream.service import LiveService, ServiceConfig
     from livelens.stream.sources.pull import PullConfig
     from livelens.stream.whip import WhipSettings
@@ -37,6 +38,8 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         ("--max-pending-frames", args.max_pending_frames),
         ("--thumbnails", args.thumbnails),
     ):
+        if value is None:
+            continue  # --tokens-per-frame: the checkpoint decides, below
         if value <= 0 or (flag == "--port" and value > 65535):
             from livelens.stream.cli import UsageError
 
@@ -46,10 +49,11 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
 
     loaded = load_model(args.model, device=args.device)
     logger.info("model %s loaded on %s (%s)", loaded.name, loaded.device, loaded.dtype)
+    tokens_per_frame = args.tokens_per_frame or loaded.tokens_per_frame or DEFAULT_TOKENS_PER_FRAME
     config = ServiceConfig(
         fps=fps,
         prune_threshold=threshold,
-        tokens_per_frame=args.tokens_per_frame,
+        tokens_per_frame=tokens_per_frame,
         max_pending_frames=args.max_pending_frames,
         max_sessions=args.max_sessions,
         thumbnails=args.thumbnails,

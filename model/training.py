@@ -1,0 +1,530 @@
+"""Train the tiny grounding model: real VideoLLaMA3 classes, generated scenes, the live prompt.
+
+`python -m livelens.model.training --out DIR` (or `livelens train-tiny`) builds a tokenizer and a
+small `VideoLlama3ForConditionalGeneration`, then trains it on clips of generated scenes
+(model/scenes.py) with true questions and answers (model/qa.py). Every example goes through the
+live path's own front end: frames sampled by media time with `FpsSampler`, an H.264 round trip,
+the swscale resize to the session grid, `DiffFramePruner` (the DiffFP kernel's CPU path), and the
+token sequence `VideoSession` builds (same text pieces, tokenized the same way).
+
+Recipe (docs/benchmarks.md has the learning curve):
+- several questions per clip share one forward of the clip: each question block attends to the
+  clip and to itself only (a 4-D mask), so a clip's video tokens are paid for once;
+- a curriculum: short clips asked about single moments, then intervals, then clips up to a minute,
+  sampled at 0.5, 1 and 2 fps so the model reads the time labels instead of counting frames;
+- per-moment targets ("What is in the scene at 12.0s?", "Is there a red ball at 12.0s?") beside
+  the grounding answers, so each frame's label and content are supervised directly.
+Deterministic from --seed on a given machine (fixed step counts, seeded data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from livelens.model import qa as qa_mod
+from livelens.model.prompt import PromptFormat
+from livelens.model.pruner import DiffFramePruner
+from livelens.model.qa import QA, Kind, QuestionMaker
+from livelens.model.scenes import Scene, generate_scene, vocabulary
+from livelens.stream.grid import Grid, choose_grid, resize_to_grid
+from livelens.stream.sampler import FpsSampler
+
+logger = logging.getLogger(__name__)
+
+# What the checkpoint tells LiveLens about how it was trained (read by model/loading.py).
+LIVELENS_JSON = "livelens.json"
+# Seeds of training scenes are drawn below this; held-out scenes (benchmarks, tests) use seeds
+# from HELD_OUT_SEED up, so no scene is ever both trained on and scored.
+HELD_OUT_SEED = 1_000_000_000
+# Source sizes rendered for training: the grid is ~140 px wide whatever the source, and larger
+# sources only cost rendering time (their downscale averages the sensor noise further).
+TRAIN_SIZES = ((320, 240), (480, 360), (640, 360), (640, 480))
+
+
+# Question kinds of a clip, drawn with these multiplicities: grounding answers dominate.
+_MIX = (
+    Kind.WHEN, Kind.WHEN, Kind.WHEN, Kind.FIRST, Kind.AT, Kind.AT, Kind.NOW, Kind.SCENE,
+    Kind.SCENE_AT, Kind.SCENE_AT,
+)  # fmt: skip
+# The first stage: what is where at single moments, before any interval.
+_MOMENTS = (Kind.SCENE, Kind.NOW, Kind.AT, Kind.SCENE_AT)
+# Share of a merged token's cell an object's box must cover to label the token with it.
+_TOKEN_COVER = 0.3
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One curriculum stage: clips of this shape, for this many optimizer steps."""
+
+    name: str
+    steps: int
+    min_seconds: float
+    max_seconds: float
+    rates: tuple[float, ...]
+    kinds: tuple[Kind, ...]
+    questions: int = 6
+    """Questions per clip, sharing one forward of the clip."""
+    max_frames: int = 64
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    tokens_per_frame: int = 24
+    """The session grid's token budget the model is trained (and served) at."""
+    batch: int = 4
+    """Clips per optimizer step."""
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    thresholds: tuple[float, ...] = (0.1, 0.1, 0.1, 4.0)
+    """DiffFP thresholds drawn per clip: mostly the default, sometimes a pruning one."""
+    stages: tuple[Stage, ...] = field(
+        default_factory=lambda: (
+            Stage("moments", 300, 2.0, 6.0, (1.0, 2.0), _MOMENTS, questions=6),
+            Stage("short", 500, 3.0, 12.0, (1.0, 2.0), _MIX, questions=8),
+            Stage("long", 900, 8.0, 48.0, (0.5, 1.0, 2.0), _MIX, questions=8, max_frames=48),
+        )
+    )
+    token_loss: float = 0.5
+    """Weight of the per-token object loss on the projected visual features (see token_labels)."""
+    vision_hidden: int = 128
+    vision_layers: int = 2
+    text_hidden: int = 256
+    text_layers: int = 4
+    text_heads: int = 8
+
+
+# ----------------------------------------------------------------------------------- data
+@dataclass
+class Clip:
+    """A training example: sampled frames at the session grid, their times, and questions."""
+
+    frames: np.ndarray
+    """uint8 (T, H, W, 3) at the grid."""
+    times: list[float]
+    questions: list[QA]
+    threshold: float
+    grid: Grid
+    labels: np.ndarray
+    """int64 (T, tokens): the object covering each merged token (0 = none; see token_labels)."""
+
+
+def camera_frames(scene: Scene, times: Sequence[float], *, crf: int, offset: float = 0.0):
+    """The scene at `offset + t` for each t, through an H.264 encode/decode as a camera sends it."""
+    encoder = av.CodecContext.create("libx264", "w")
+    encoder.width, encoder.height, encoder.pix_fmt = scene.width, scene.height, "yuv420p"
+    encoder.time_base = Fraction(1, 1000)
+    encoder.options = {"crf": str(crf), "preset": "ultrafast", "tune": "zerolatency"}
+    decoder = av.CodecContext.create("h264", "r")
+    decoded: list[av.VideoFrame] = []
+    for i, t in enumerate(times):
+        image = scene.frame(offset + t, index=round((offset + t) * scene.fps))
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        frame.pts = i
+        for packet in encoder.encode(frame):
+            decoded += decoder.decode(packet)
+    for packet in encoder.encode(None):
+        decoded += decoder.decode(packet)
+    decoded += decoder.decode(None)
+    return decoded
+
+
+def make_clip(seed: int, stage: Stage, config: TrainConfig) -> Clip:
+    """One clip of a generated scene with true Q&A pairs, deterministic from `seed`."""
+    rng = random.Random(seed)
+    size = rng.choice(TRAIN_SIZES)
+    scene = generate_scene(seed, duration=round(rng.uniform(10, 60), 1), size=size)
+    fps = rng.choice(stage.rates)
+    length = rng.uniform(stage.min_seconds, stage.max_seconds)
+    length = min(length, scene.duration - 1 / scene.fps, (stage.max_frames - 1) / fps)
+    offset = rng.uniform(0, scene.duration - length - 1 / scene.fps)
+    # Media time restarts at the clip's first frame; the sampler sees the decoder's frame times.
+    first = math.ceil(offset * scene.fps)
+    sampler = FpsSampler(fps)
+    times: list[float] = []
+    for i in range(first, first + round(length * scene.fps) + 1):
+        t = (i - first) / scene.fps
+        if sampler.offer(t):
+            times.append(t)
+    offset = first / scene.fps
+    grid = choose_grid(scene.height, scene.width, tokens_per_frame=config.tokens_per_frame)
+    decoded = camera_frames(scene, times, crf=rng.randint(18, 32), offset=offset)
+    frames = np.stack([resize_to_grid(f, grid) for f in decoded])
+    maker = QuestionMaker(scene, times, offset=offset)
+    questions = maker.questions(rng, stage.questions, stage.kinds)
+    labels = np.stack([token_labels(scene, offset + t, grid) for t in times])
+    return Clip(frames, times, questions, rng.choice(config.thresholds), grid, labels)
+
+
+def token_labels(scene: Scene, t: float, grid: Grid) -> np.ndarray:
+    """Per merged token (row-major) of the frame at scene time t: 1 + the vocabulary index of the
+    object whose box covers most of it (the one drawn on top), 0 where none covers enough.
+
+    An auxiliary target only: it teaches the vision tower early what the answers will need.
+    """
+    names = vocabulary()
+    unit = grid.patch_size * grid.merge_size
+    rows, cols = grid.height // unit, grid.width // unit
+    sx, sy = cols / scene.width, rows / scene.height
+    labels = np.zeros((rows, cols), np.int64)
+    r = np.arange(rows)[:, None]
+    c = np.arange(cols)[None, :]
+    for obj, (x0, y0, x1, y1) in scene.boxes(t):
+        cover_x = np.clip(np.minimum(c + 1, x1 * sx) - np.maximum(c, x0 * sx), 0, None)
+        cover_y = np.clip(np.minimum(r + 1, y1 * sy) - np.maximum(r, y0 * sy), 0, None)
+        labels[cover_x * cover_y >= _TOKEN_COVER] = names.index(obj.name) + 1
+    return labels.reshape(-1)
+
+
+# ------------------------------------------------------------------------------ sequences
+@dataclass
+class Packed:
+    """One clip and its questions as one sequence with a block mask."""
+
+    ids: torch.Tensor
+    """(L,) token ids; video placeholders where visual features go."""
+    positions: torch.Tensor
+    mask: torch.Tensor
+    """(1, 1, L, L) bool: True where a query position may attend a key position."""
+    targets: torch.Tensor
+    """(L,) next-token targets, -100 where no loss is taken."""
+    kept: torch.Tensor
+    """(T, tokens) bool DiffFP keep mask."""
+    patches: torch.Tensor
+
+
+def pack(clip: Clip, tokenizer, prompt: PromptFormat, video_token_id: int, eos_id: int) -> Packed:
+    """The clip as `VideoSession` tokenizes it, then one block per question."""
+    pruner = DiffFramePruner(threshold=clip.threshold)
+    pruned = pruner(torch.from_numpy(clip.frames))
+
+    def tokenize(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    ids: list[int] = []
+    pending = prompt.prefix
+    for i, (t, n) in enumerate(zip(clip.times, pruned.keep.sum(1).tolist(), strict=True)):
+        pending += prompt.frame_label(i, t)
+        if n == 0:
+            continue
+        ids += tokenize(pending) + [video_token_id] * n
+        pending = ""
+    video = len(ids)
+    blocks = []
+    for q in clip.questions:
+        question = tokenize(pending + prompt.question_text(q.question))
+        answer = [*tokenize(q.answer), eos_id]
+        blocks.append((question, answer))
+    total = video + sum(len(a) + len(b) for a, b in blocks)
+    mask = torch.zeros(total, total, dtype=torch.bool)
+    mask[:video, :video] = torch.ones(video, video, dtype=torch.bool).tril()
+    positions = list(range(video))
+    targets = [-100] * video
+    all_ids = list(ids)
+    start = video
+    for question, answer in blocks:
+        block = question + answer
+        n = len(block)
+        mask[start : start + n, :video] = True
+        mask[start : start + n, start : start + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        positions += range(video, video + n)
+        # The last question token predicts the first answer token, and so on to eos.
+        targets += [-100] * (len(question) - 1) + answer + [-100]
+        all_ids += block
+        start += n
+    return Packed(
+        ids=torch.tensor(all_ids),
+        positions=torch.tensor(positions),
+        mask=mask[None, None],
+        targets=torch.tensor(targets),
+        kept=pruned.keep,
+        patches=pruned.patches,
+    )
+
+
+def clip_loss(
+    model,
+    packed: Packed,
+    grid: Grid,
+    frames: int,
+    video_token_id: int,
+    token_head: torch.nn.Module | None = None,
+    labels: np.ndarray | None = None,
+) -> torch.Tensor:
+    """Mean next-token loss over the answers, through the real vision tower and LLM; plus, with
+    `token_head`, the per-token object loss on the projected features (all tokens, kept or not).
+    """
+    gh, gw = grid.patches_h, grid.patches_w
+    feats = model.model.get_video_features(
+        pixel_values_videos=packed.patches,
+        video_grid_thw=torch.tensor([[frames, gh, gw]]),
+        video_merge_sizes=torch.tensor([2]),
+        return_dict=True,
+    ).pooler_output[0]
+    aux = None
+    if token_head is not None and labels is not None:
+        aux = F.cross_entropy(token_head(feats), torch.from_numpy(labels).reshape(-1))
+    feats = feats[packed.kept.reshape(-1)]
+    embeds = model.get_input_embeddings()(packed.ids)
+    slots = packed.ids == video_token_id
+    embeds = embeds.masked_scatter(slots[:, None], feats.to(embeds.dtype))
+    hidden = model.model.language_model(
+        inputs_embeds=embeds[None],
+        attention_mask=packed.mask,
+        position_ids=packed.positions[None],
+        use_cache=False,
+    ).last_hidden_state[0]
+    where = packed.targets != -100
+    logits = model.lm_head(hidden[where])
+    loss = F.cross_entropy(logits.float(), packed.targets[where])
+    return loss if aux is None else (loss, aux)
+
+
+# ---------------------------------------------------------------------------------- model
+def build_model(config: TrainConfig):
+    """Tokenizer (tiny BPE + the Q&A corpus) and a randomly initialised model."""
+    from transformers import Qwen2Config, VideoLlama3Config, VideoLlama3ForConditionalGeneration
+    from transformers.models.video_llama_3.configuration_video_llama_3 import (
+        VideoLlama3VisionConfig,
+    )
+
+    from livelens.model.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer(config.seed, vocab_size=1024, extra=qa_mod.corpus())
+    vision = VideoLlama3VisionConfig(
+        hidden_size=config.vision_hidden,
+        intermediate_size=config.vision_hidden * 2,
+        num_hidden_layers=config.vision_layers,
+        num_attention_heads=4,
+        patch_size=14,
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=config.text_hidden,
+        intermediate_size=config.text_hidden * 5 // 2,
+        num_hidden_layers=config.text_layers,
+        num_attention_heads=config.text_heads,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        tie_word_embeddings=False,
+    )
+    model_config = VideoLlama3Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+    )
+    torch.manual_seed(config.seed)
+    model = VideoLlama3ForConditionalGeneration(model_config)
+    model.config.use_cache = True
+    return tokenizer, model
+
+
+def _clips(stage: Stage, config: TrainConfig, first_seed: int) -> Iterator[Clip]:
+    """Clips for `stage`, made in a background process (the trainer keeps both cores busy)."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class _Source(IterableDataset):
+        def __iter__(self):
+            for k in range(stage.steps * config.batch):
+                yield make_clip(first_seed + k, stage, config)
+
+    loader = DataLoader(
+        _Source(), batch_size=None, num_workers=1, prefetch_factor=8, persistent_workers=False
+    )
+    yield from loader
+
+
+def train(out: Path, config: TrainConfig, *, log_every: int = 25, eval_scenes: int = 8) -> dict:
+    """Train and save the checkpoint to `out`; returns the learning curve and timings."""
+    torch.manual_seed(config.seed)
+    tokenizer, model = build_model(config)
+    prompt = PromptFormat.from_tokenizer(tokenizer, model.config.video_token_id)
+    video_id = int(model.config.video_token_id)
+    eos_id = int(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    total_steps = sum(s.steps for s in config.stages)
+    # Reads the projected visual tokens for the per-token object loss; not part of the model.
+    token_head = torch.nn.Linear(model.config.text_config.hidden_size, len(vocabulary()) + 1)
+    params = [*model.parameters(), *token_head.parameters()]
+    optimizer = torch.optim.AdamW(
+        params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98)
+    )
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup:
+            return config.lr * (step + 1) / config.warmup
+        progress = (step - config.warmup) / max(1, total_steps - config.warmup)
+        return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("model: %.2fM parameters; %d steps", n_params / 1e6, total_steps)
+    curve: list[dict] = []
+    started = time.monotonic()
+    step = 0
+    model.train()
+    for stage_index, stage in enumerate(config.stages):
+        seed0 = config.seed * 10_000_000 + stage_index * 1_000_000
+        clips = _clips(stage, config, seed0)
+        window: list[float] = []
+        token_window: list[float] = []
+        for _ in range(stage.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            optimizer.zero_grad(set_to_none=True)
+            losses, token_losses = [], []
+            for _ in range(config.batch):
+                clip = next(clips)
+                packed = pack(clip, tokenizer, prompt, video_id, eos_id)
+                loss, aux = clip_loss(
+                    model, packed, clip.grid, len(clip.times), video_id, token_head, clip.labels
+                )
+                ((loss + config.token_loss * aux) / config.batch).backward()
+                losses.append(loss.item())
+                token_losses.append(aux.item())
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            step += 1
+            window.append(sum(losses) / len(losses))
+            token_window.append(sum(token_losses) / len(token_losses))
+            if step % log_every == 0 or step == total_steps:
+                point = {
+                    "step": step,
+                    "stage": stage.name,
+                    "loss": round(sum(window) / len(window), 4),
+                    "token_loss": round(sum(token_window) / len(token_window), 4),
+                    "minutes": round((time.monotonic() - started) / 60, 2),
+                }
+                curve.append(point)
+                window, token_window = [], []
+                logger.info("%s", point)
+        if eval_scenes:
+            t0 = time.monotonic()
+            scores = evaluate(model, tokenizer, config, scenes=eval_scenes)
+            point = {"step": step, "stage": stage.name, "eval": scores}
+            point["eval_minutes"] = round((time.monotonic() - t0) / 60, 2)
+            curve.append(point)
+            logger.info("%s", point)
+    model.eval()
+    save(out, tokenizer, model, config)
+    return {
+        "parameters": n_params,
+        "minutes": round((time.monotonic() - started) / 60, 2),
+        "curve": curve,
+    }
+
+
+def evaluate(
+    model, tokenizer, config: TrainConfig, *, scenes: int = 8, seed: int = HELD_OUT_SEED
+) -> dict[str, float]:
+    """Scores of greedy answers through `VideoSession` on held-out scenes (1 fps, 10-60 s)."""
+    from livelens.model.loading import LoadedModel
+    from livelens.model.runner import ModelRunner
+    from livelens.model.scoring import Scores
+    from livelens.model.session import SamplingParams, VideoSession
+
+    was_training = model.training
+    model.eval()
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name="training",
+        path=Path("."),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        video_token_id=int(model.config.video_token_id),
+    )
+    runner = ModelRunner(loaded)
+    scores = Scores()
+    for k in range(scenes):
+        rng = random.Random(seed + k)
+        scene = generate_scene(seed + k, duration=round(rng.uniform(10, 60), 1))
+        sampler = FpsSampler(1.0)
+        times = [t for t in scene.frame_times() if sampler.offer(t)]
+        grid = choose_grid(scene.height, scene.width, tokens_per_frame=config.tokens_per_frame)
+        decoded = camera_frames(scene, times, crf=23)
+        frames = np.stack([resize_to_grid(f, grid) for f in decoded])
+        session = VideoSession(runner, height=grid.height, width=grid.width)
+        session.append(frames, times)
+        maker = QuestionMaker(scene, times)
+        asked = [maker.when(o.name) for o in scene.objects]
+        asked += maker.questions(rng, 6, (Kind.AT, Kind.NOW, Kind.SCENE))
+        for qa in asked:
+            answer = session.answer(qa.question, SamplingParams(max_new_tokens=48))
+            scores.add(qa, answer.text, times[-1])
+    model.train(was_training)
+    return scores.summary()
+
+
+def save(out: Path, tokenizer, model, config: TrainConfig) -> Path:
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=".train-", dir=out.parent if out.parent.exists() else None))
+    try:
+        model.generation_config.do_sample = False
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        meta = {"tokens_per_frame": config.tokens_per_frame, "train": _jsonable(asdict(config))}
+        (tmp / LIVELENS_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.move(str(tmp), out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="multiply every stage's steps (e.g. 0.01 to smoke)"
+    )
+    parser.add_argument("--curve", type=Path, help="write the learning curve (JSON) here")
+    parser.add_argument(
+        "--eval-scenes", type=int, default=8, help="held-out scenes scored after each stage"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    base = TrainConfig(seed=args.seed)
+    stages = tuple(
+        Stage(**{**asdict(s), "steps": max(1, round(s.steps * args.scale))}) for s in base.stages
+    )
+    config = TrainConfig(**{**asdict(base), "stages": stages})
+    result = train(args.out, config, eval_scenes=args.eval_scenes)
+    if args.curve:
+        args.curve.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "curve"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
