@@ -55,6 +55,9 @@ from transformers import VideoLlama3Config, VideoLlama3ForConditionalGeneration
 
 logger = logging.getLogger(__name__)
 
+# Bump when the converted folder's contents change, so cached conversions are redone
+# (2: the processor's chat template is written as chat_template.jinja).
+CONVERSION_VERSION = 2
 REMOTE_MODEL_TYPE = "videollama3_qwen2"
 REMOTE_ARCHITECTURE = "Videollama3Qwen2ForCausalLM"
 DEFAULT_IMAGE_TOKEN_ID = 151665
