@@ -471,7 +471,8 @@ def test_converted_tokenizer_renders_the_processor_template(
     assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     video_token_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
     prompt = PromptFormat.from_tokenizer(tokenizer, video_token_id)
-    assert "Qwen" not in prompt.prefix
+    # As the original's inference code renders it (add_system_prompt=True).
+    assert prompt.prefix == f"<|im_start|>system\n{VL3_SYSTEM}<|im_end|>\n<|im_start|>user\n"
     assert prompt.suffix == "<|im_end|>\n<|im_start|>assistant\n"
 
 

@@ -63,6 +63,7 @@ def _offline(loaded, frames: np.ndarray, times: list[float]):
         [{"role": "user", "content": video + "\n" + QUESTION}],
         tokenize=False,
         add_generation_prompt=True,
+        add_system_prompt=True,  # as the original's inference code calls its processor
     )
     input_ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     inputs = dict(
