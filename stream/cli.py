@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--top-p", type=float, default=1.0)
     ask.add_argument("--top-k", type=int, default=0)
     ask.add_argument("--seed", type=int, default=None)
+    ask.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help="penalty on tokens already in the answer, greedy decoding included (default: the "
+        "checkpoint's generation_config.json value, e.g. 1.1 for VideoLLaMA3-2B; 1 = off)",
+    )
     ask.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     ask.add_argument("--chunk", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -274,6 +281,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
     )
     grid, frames = sample_file(
         args.video, fps=fps, tokens_per_frame=args.tokens_per_frame, on_progress=None
