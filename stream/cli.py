@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from livelens.stream.errors import SourceError
-from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME
+from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, MIN_TOKENS_PER_FRAME
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens-per-frame",
         type=int,
         default=None,
-        help=f"visual token budget per frame before pruning (default {DEFAULT_TOKENS_PER_FRAME})",
+        help=f"visual token budget per frame before pruning (default {DEFAULT_TOKENS_PER_FRAME}, "
+        f"at least {MIN_TOKENS_PER_FRAME}: VideoLLaMA3 enlarges smaller frames to that)",
     )
     ask.add_argument("--max-new-tokens", type=int, default=128)
     ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -271,8 +272,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
     question = VideoSession.validate_question(args.question)
     fps = _number("--fps", args.fps, zero_ok=False)
     threshold = _number("--prune-threshold", args.prune_threshold, zero_ok=True)
-    if args.tokens_per_frame <= 0:
-        raise UsageError(f"--tokens-per-frame must be > 0, got {args.tokens_per_frame}")
+    if args.tokens_per_frame < MIN_TOKENS_PER_FRAME:
+        raise UsageError(
+            f"--tokens-per-frame must be >= {MIN_TOKENS_PER_FRAME}, got {args.tokens_per_frame}"
+        )
     if args.chunk <= 0:
         raise UsageError(f"--chunk must be > 0, got {args.chunk}")
     params = SamplingParams(

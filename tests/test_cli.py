@@ -121,6 +121,14 @@ def test_repetition_penalty_reaches_the_session(capsys, clip, monkeypatch):
     assert asked == [(1.0, None), (1.0, 1.25)]
 
 
+@pytest.mark.parametrize("value", ["0", "15"])
+def test_tokens_per_frame_under_the_minimum(capsys, clip, value):
+    code, _, err = _run(
+        capsys, "ask", str(clip), "q?", "--model", "tiny", "--tokens-per-frame", value
+    )
+    _one_line_error(code, err, "--tokens-per-frame must be >= 16")
+
+
 @pytest.mark.parametrize("value", ["0", "-2", "nan"])
 def test_bad_fps(capsys, clip, value):
     code, _, err = _run(capsys, "ask", str(clip), "q?", "--model", "tiny", "--fps", value)
