@@ -59,6 +59,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         "top_p": args.top_p,
         "top_k": args.top_k,
         "seed": args.seed,
+        "repetition_penalty": args.repetition_penalty,
     }
 
     async def ask() -> int:

@@ -438,6 +438,7 @@ class LiveLensClient:
         top_p: float | None = None,
         top_k: int | None = None,
         seed: int | None = None,
+        repetition_penalty: float | None = None,
         question_id: str | None = None,
     ) -> AsyncIterator[str | Answer]:
         """Ask about the video so far: yields the answer's text pieces, then the `Answer`.
@@ -452,6 +453,7 @@ class LiveLensClient:
             "top_p": top_p,
             "top_k": top_k,
             "seed": seed,
+            "repetition_penalty": repetition_penalty,
         }
         message.update({k: v for k, v in sampling.items() if v is not None})
         async with self._socket(session_id) as (ws, _):

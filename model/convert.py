@@ -27,6 +27,10 @@ Where the facts come from:
 - The `<image>` placeholder id 151665 (one id for images and video) is the released config's
   `image_token_index`; the original replaces those embeddings by visual features (`* 0.0 +`),
   exactly what the native `masked_scatter` does.
+- Chat template: the original `Videollama3Qwen2Processor`
+  (`inference/transformers_api/processing_videollama3.py`) is a `ProcessorMixin`, which loads its
+  template from `chat_template.json` (`{"chat_template": "..."}`, the format transformers'
+  processors read and write), falling back to the tokenizer's only when that file is absent.
 - Sizes (not needed by the code, which reads the config): 2B text = Qwen2.5-1.5B (hidden 1536,
   28 layers, 12 / 2 KV heads, intermediate 8960, tied embeddings in Qwen2.5-1.5B); 7B text =
   Qwen2.5-7B (hidden 3584, 28 layers, 28 / 4 KV heads, intermediate 18944, untied); vision =
@@ -51,6 +55,9 @@ from transformers import VideoLlama3Config, VideoLlama3ForConditionalGeneration
 
 logger = logging.getLogger(__name__)
 
+# Bump when the converted folder's contents change, so cached conversions are redone
+# (2: the processor's chat template is written as chat_template.jinja).
+CONVERSION_VERSION = 2
 REMOTE_MODEL_TYPE = "videollama3_qwen2"
 REMOTE_ARCHITECTURE = "Videollama3Qwen2ForCausalLM"
 DEFAULT_IMAGE_TOKEN_ID = 151665
@@ -159,10 +166,14 @@ _TOKENIZER_FILES = (
     "merges.txt",
     "added_tokens.json",
     "special_tokens_map.json",
-    "chat_template.json",
-    "chat_template.jinja",
     "generation_config.json",
 )
+# The original processor takes its template from chat_template.json; transformers' tokenizer reads
+# chat_template.jinja first, then tokenizer_config.json (which in the released checkpoints holds
+# none, or Qwen2.5's "You are Qwen" template). So the converted folder gets the processor's
+# template as chat_template.jinja.
+_PROCESSOR_TEMPLATE = "chat_template.json"
+_TEMPLATE_FILE = "chat_template.jinja"
 # Keys that would make transformers look for the remote processor code.
 _REMOTE_TOKENIZER_KEYS = ("auto_map", "processor_class")
 
@@ -355,7 +366,26 @@ def _check_shapes(native_config: VideoLlama3Config, shapes: Mapping[str, list[in
         raise ConversionError(f"shape mismatch (stored, expected by config): {wrong}")
 
 
+def processor_chat_template(path: Path) -> str:
+    """The template in a processor's chat_template.json: {"chat_template": "..."} or a string."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ConversionError(f"{path}: not JSON ({exc})") from None
+    template = data.get("chat_template") if isinstance(data, dict) else data
+    if not isinstance(template, str) or not template.strip():
+        raise ConversionError(f'{path}: expected {{"chat_template": "<jinja template>"}}')
+    return template
+
+
 def _copy_tokenizer_files(src: Path, dst: Path) -> None:
+    template = None
+    if (src / _PROCESSOR_TEMPLATE).is_file():
+        template = processor_chat_template(src / _PROCESSOR_TEMPLATE)
+        if (src / _TEMPLATE_FILE).is_file():
+            logger.warning("%s: using %s over %s", src, _PROCESSOR_TEMPLATE, _TEMPLATE_FILE)
+    elif (src / _TEMPLATE_FILE).is_file():
+        template = (src / _TEMPLATE_FILE).read_text(encoding="utf-8")
     for name in _TOKENIZER_FILES:
         path = src / name
         if not path.is_file():
@@ -364,9 +394,17 @@ def _copy_tokenizer_files(src: Path, dst: Path) -> None:
             data = json.loads(path.read_text())
             for key in _REMOTE_TOKENIZER_KEYS:
                 data.pop(key, None)
+            if template is not None:
+                data.pop("chat_template", None)  # stale (Qwen2.5's); the .jinja file wins anyway
             (dst / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         else:
             shutil.copy2(path, dst / name)
+    if template is not None:
+        (dst / _TEMPLATE_FILE).write_text(template, encoding="utf-8")
+    else:
+        logger.warning(
+            "%s has no %s: the tokenizer_config.json template applies", src, _PROCESSOR_TEMPLATE
+        )
 
 
 def convert_checkpoint(src: Path, dst: Path) -> Path:

@@ -107,7 +107,11 @@ def _native_dir(path: Path, cache_dir: Path) -> Path:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}: unreadable config.json ({exc})") from None
-    from livelens.model.convert import convert_checkpoint, is_remote_code_config
+    from livelens.model.convert import (
+        CONVERSION_VERSION,
+        convert_checkpoint,
+        is_remote_code_config,
+    )
 
     if not is_remote_code_config(config):
         if config.get("model_type") != "video_llama_3":
@@ -115,9 +119,11 @@ def _native_dir(path: Path, cache_dir: Path) -> Path:
                 f"{path}: model_type {config.get('model_type')!r} is not VideoLLaMA3"
             )
         return path
-    # Key the converted copy on the source's identity so a new snapshot is converted again.
-    ident = hashlib.sha256(str(path.resolve()).encode())
-    for f in sorted(path.glob("*.safetensors*")):
+    # Key the converted copy on the source's identity and the converter's version, so a new
+    # snapshot or a changed conversion is converted again.
+    ident = hashlib.sha256(f"{CONVERSION_VERSION}:{path.resolve()}".encode())
+    read = {f for pattern in ("*.safetensors*", *_HUB_PATTERNS) for f in path.glob(pattern)}
+    for f in sorted(read):
         st = f.stat()
         ident.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     dst = cache_dir / "converted" / f"{path.name}-{ident.hexdigest()[:16]}"
@@ -142,8 +148,13 @@ def preferred_tokens_per_frame(path: Path) -> int | None:
         raise ModelLoadError(f"{path}: unreadable {LIVELENS_JSON} ({exc})") from None
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ModelLoadError(f"{path}: {LIVELENS_JSON} tokens_per_frame must be > 0: {value!r}")
+    from livelens.stream.grid import MIN_TOKENS_PER_FRAME
+
+    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_TOKENS_PER_FRAME:
+        raise ModelLoadError(
+            f"{path}: {LIVELENS_JSON} tokens_per_frame must be an integer >= "
+            f"{MIN_TOKENS_PER_FRAME}, got {value!r}"
+        )
     return value
 
 

@@ -28,8 +28,13 @@ class PromptFormat:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: object, video_token_id: int) -> PromptFormat:
+        # add_system_prompt: VideoLLaMA3's template adds its own system turn only when asked, and
+        # the original's inference code always asks; templates without the flag ignore it.
         rendered = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
-            [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": _SENTINEL}],
+            tokenize=False,
+            add_generation_prompt=True,
+            add_system_prompt=True,
         )
         if rendered.count(_SENTINEL) != 1:
             raise ValueError("the tokenizer's chat template does not render user text content")

@@ -42,6 +42,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    repetition_penalty: float | None = None
+    """HF semantics over the answer's own tokens; applied in greedy decoding too. None: the
+    checkpoint's generation_config.json value (1.0, i.e. off, when it has none)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_new_tokens <= 4096:
@@ -52,6 +55,9 @@ class SamplingParams:
             raise SessionError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise SessionError(f"top_k must be >= 0, got {self.top_k}")
+        penalty = self.repetition_penalty
+        if penalty is not None and not (math.isfinite(penalty) and 0 < penalty <= 10):
+            raise SessionError(f"repetition_penalty must be in (0, 10], got {penalty}")
 
 
 @dataclass(frozen=True)
@@ -156,6 +162,9 @@ class VideoSession:
         text_config = runner.model.config.text_config
         self.max_tokens = int(text_config.max_position_embeddings)
         self._eos_ids = self._stop_ids()
+        # The checkpoint's generation_config.json (Qwen2.5-Instruct's 1.1 / 1.05 in the originals).
+        penalty = runner.model.generation_config.repetition_penalty
+        self.default_repetition_penalty = float(penalty) if penalty is not None else 1.0
 
     # ------------------------------------------------------------------ video
     def append(self, frames: torch.Tensor | np.ndarray, times: Sequence[float]) -> AppendResult:
@@ -233,6 +242,9 @@ class VideoSession:
         started = time.perf_counter()
         video_len = self.cache.get_seq_length()
         generator = self._generator(params.seed)
+        penalty = params.repetition_penalty
+        penalty = self.default_repetition_penalty if penalty is None else penalty
+        seen: torch.Tensor | None = None  # answer tokens so far, as a mask over the vocabulary
         ids: list[int] = []
         emitted = ""
         detok = _IncrementalDetokenizer(self.tokenizer)
@@ -240,10 +252,16 @@ class VideoSession:
             logits = self.runner.logits(self._prefill_question(question))
             prefill_seconds = time.perf_counter() - started
             for step in range(params.max_new_tokens):
+                if seen is not None:
+                    logits = self._penalize(logits, seen, penalty)
                 token = self._choose(logits, params, generator)
                 if token in self._eos_ids:
                     break
                 ids.append(token)
+                if penalty != 1.0:
+                    if seen is None:
+                        seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+                    seen[token] = True
                 delta = detok.push(ids)
                 if delta:
                     emitted += delta
@@ -333,6 +351,18 @@ class VideoSession:
         gen = torch.Generator(device=self.runner.device)
         gen.manual_seed(seed if seed is not None else torch.seed())
         return gen
+
+    @staticmethod
+    def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+        """transformers' RepetitionPenaltyLogitsProcessor: the logits of tokens already in the
+        answer are divided by `penalty` when positive, multiplied when negative.
+
+        Only the answer's tokens count, not the prompt's: the original VideoLLaMA3 `generate`
+        hands transformers `inputs_embeds` without `input_ids`, so the processor sees only the
+        generated ids. Video placeholders, frame labels and the question are never penalized.
+        """
+        penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+        return torch.where(seen, penalized, logits)
 
     @staticmethod
     def _choose(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from livelens.stream.errors import SourceError
-from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME
+from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, MIN_TOKENS_PER_FRAME
 
 logger = logging.getLogger(__name__)
 
@@ -122,13 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="visual token budget per frame before pruning (default: what the checkpoint "
-        f"asks for in its livelens.json, else {DEFAULT_TOKENS_PER_FRAME})",
+        f"asks for in its livelens.json, else {DEFAULT_TOKENS_PER_FRAME}; at least "
+        f"{MIN_TOKENS_PER_FRAME}: VideoLLaMA3 enlarges smaller frames to that)",
     )
     ask.add_argument("--max-new-tokens", type=int, default=128)
     ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ask.add_argument("--top-p", type=float, default=1.0)
     ask.add_argument("--top-k", type=int, default=0)
     ask.add_argument("--seed", type=int, default=None)
+    ask.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help="penalty on tokens already in the answer, greedy decoding included (default: the "
+        "checkpoint's generation_config.json value, e.g. 1.1 for VideoLLaMA3-2B; 1 = off)",
+    )
     ask.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     ask.add_argument("--chunk", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -279,8 +287,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
     question = VideoSession.validate_question(args.question)
     fps = _number("--fps", args.fps, zero_ok=False)
     threshold = _number("--prune-threshold", args.prune_threshold, zero_ok=True)
-    if args.tokens_per_frame is not None and args.tokens_per_frame <= 0:
-        raise UsageError(f"--tokens-per-frame must be > 0, got {args.tokens_per_frame}")
+    if args.tokens_per_frame is not None and args.tokens_per_frame < MIN_TOKENS_PER_FRAME:
+        raise UsageError(
+            f"--tokens-per-frame must be >= {MIN_TOKENS_PER_FRAME}, got {args.tokens_per_frame}"
+        )
     if args.chunk <= 0:
         raise UsageError(f"--chunk must be > 0, got {args.chunk}")
     params = SamplingParams(
@@ -289,6 +299,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
     )
     if args.tokens_per_frame is None:
         args.tokens_per_frame = model_tokens_per_frame(args.model)

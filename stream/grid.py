@@ -1,4 +1,12 @@
-"""The session's fixed per-frame grid, chosen once from the first frame; all frames fit it."""
+"""The session's fixed per-frame grid, chosen once from the first frame; all frames fit it.
+
+The size rule is the original VideoLLaMA3 image processor's (`simple_batched_resize` in
+DAMO-NLP-SG/VideoLLaMA3 `videollama3/model/videollama3_encoder/image_processing_videollama3.py`,
+the processor of the remote-code checkpoints): round each side to the 28 px unit, shrink to the
+token budget, then enlarge any frame under `min_tokens` = 16 merged tokens, the minimum winning.
+transformers' native `smart_resize` differs only where the budget would leave a frame under 16
+tokens: it never applies its minimum after shrinking and keeps every side at least one unit.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,9 @@ import numpy as np
 
 # 16384 visual tokens over at most 180 frames in the original VideoLLaMA3 video setting.
 DEFAULT_TOKENS_PER_FRAME = 91
+# The original processor's min_tokens (4 x 4): smaller frames are enlarged to at least this many
+# merged tokens. A per-frame budget below it could never be met, so it is refused.
+MIN_TOKENS_PER_FRAME = 16
 
 # Same bound as transformers' smart_resize; beyond it the frame is not a picture any more.
 _MAX_ASPECT_RATIO = 200
@@ -59,10 +70,13 @@ def choose_grid(
     patch_size: int = 14,
     merge_size: int = 2,
 ) -> Grid:
-    """Pick the grid for a height x width source with VideoLLaMA3's smart_resize rule.
+    """Pick the grid for a height x width source with the original VideoLLaMA3 resize rule.
 
-    The pixel budget is per frame (tokens_per_frame merged tokens), because a live stream has no
-    total frame count to divide a budget by.
+    The budget is per frame (tokens_per_frame merged tokens), because a live stream has no total
+    frame count to divide a budget by. Every frame gets at least MIN_TOKENS_PER_FRAME tokens; as
+    in the original, that minimum wins over the budget when shrinking to the budget would leave
+    fewer (thin frames, budgets near 16): a budget under 57 can then be exceeded, by a frame of
+    at most 57 tokens (a 1:200 strip).
     """
     for name, value in (
         ("height", height),
@@ -76,19 +90,20 @@ def choose_grid(
         raise ValueError(
             f"aspect ratio must be at most {_MAX_ASPECT_RATIO}:1, got {width}x{height} pixels"
         )
+    if tokens_per_frame < MIN_TOKENS_PER_FRAME:
+        raise ValueError(
+            f"tokens_per_frame must be >= {MIN_TOKENS_PER_FRAME} (VideoLLaMA3's per-frame "
+            f"minimum), got {tokens_per_frame}"
+        )
     factor = patch_size * merge_size
-    h_bar, w_bar = _smart_resize(
-        height, width, factor, min_pixels=factor**2, max_pixels=tokens_per_frame * factor**2
+    h_bar, w_bar = _videollama3_resize(
+        height,
+        width,
+        factor,
+        min_pixels=MIN_TOKENS_PER_FRAME * factor**2,
+        max_pixels=tokens_per_frame * factor**2,
     )
-    rows, cols = h_bar // factor, w_bar // factor
-    if rows * cols > tokens_per_frame:
-        # smart_resize keeps each side at least one factor, so on a very thin frame the short side
-        # is rounded up and the product overshoots; the budget wins: shorten the long side.
-        if rows <= cols:
-            cols = tokens_per_frame // rows
-        else:
-            rows = tokens_per_frame // cols
-    return Grid(rows * factor, cols * factor, patch_size, merge_size)
+    return Grid(h_bar, w_bar, patch_size, merge_size)
 
 
 def resize_to_grid(frame: av.VideoFrame, grid: Grid) -> np.ndarray:
@@ -103,17 +118,18 @@ def resize_to_grid(frame: av.VideoFrame, grid: Grid) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
-def _smart_resize(
+def _videollama3_resize(
     height: int, width: int, factor: int, *, min_pixels: int, max_pixels: int
 ) -> tuple[int, int]:
-    """transformers' VideoLLaMA3 smart_resize, reproduced so ingest does not import transformers."""
+    """The original processor's size rule for one image (see the module docstring)."""
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
+        # A thin frame's short side may floor to 0 here; the minimum below restores it.
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    if h_bar * w_bar < min_pixels:  # not elif: the minimum wins over the budget
         beta = math.sqrt(min_pixels / (height * width))
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor

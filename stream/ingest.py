@@ -13,7 +13,13 @@ from types import TracebackType
 import numpy as np
 
 from livelens.stream.errors import SourceError
-from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, Grid, choose_grid, resize_to_grid
+from livelens.stream.grid import (
+    DEFAULT_TOKENS_PER_FRAME,
+    MIN_TOKENS_PER_FRAME,
+    Grid,
+    choose_grid,
+    resize_to_grid,
+)
 from livelens.stream.sampler import FpsSampler
 from livelens.stream.sources.file import DecodedFrame, FileSource
 
@@ -137,9 +143,12 @@ def sample_file(
     if (
         not isinstance(tokens_per_frame, int)
         or isinstance(tokens_per_frame, bool)
-        or (tokens_per_frame <= 0)
+        or (tokens_per_frame < MIN_TOKENS_PER_FRAME)
     ):
-        raise ValueError(f"tokens_per_frame must be a positive integer, got {tokens_per_frame!r}")
+        raise ValueError(
+            f"tokens_per_frame must be an integer >= {MIN_TOKENS_PER_FRAME}, "
+            f"got {tokens_per_frame!r}"
+        )
     source = FileSource(path)
     try:
         frames = source.frames()

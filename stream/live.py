@@ -293,6 +293,7 @@ class LiveSession:
             top_p=message.top_p,
             top_k=message.top_k,
             seed=message.seed,
+            repetition_penalty=message.repetition_penalty,
         )
         job = QuestionJob(message.question, params, on_start, on_token, on_done, on_error)
         watcher.jobs[message.id] = job

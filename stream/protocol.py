@@ -45,6 +45,12 @@ class AskMessage(_Strict):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
     seed: int | None = None
+    repetition_penalty: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=10.0,
+        description="default: the checkpoint's generation_config.json value (1.0 = off)",
+    )
 
 
 class CancelMessage(_Strict):

@@ -20,7 +20,7 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
     from livelens.model.loading import load_model
     from livelens.model.runner import ModelRunner
     from livelens.stream.app import create_app
-    from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME
+    from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, MIN_TOKENS_PER_FRAME
     from livelens.stream.service import LiveService, ServiceConfig
     from livelens.stream.sources.pull import PullConfig
     from livelens.stream.whip import WhipSettings
@@ -44,6 +44,10 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
             from livelens.stream.cli import UsageError
 
             raise UsageError(f"{flag} out of range: {value}")
+    if args.tokens_per_frame is not None and args.tokens_per_frame < MIN_TOKENS_PER_FRAME:
+        from livelens.stream.cli import UsageError
+
+        raise UsageError(f"--tokens-per-frame must be >= {MIN_TOKENS_PER_FRAME}")
     token = args.token or os.environ.get("LIVELENS_TOKEN") or None
     redis_url = None if args.redis_url.lower() in ("", "none") else args.redis_url
 

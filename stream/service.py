@@ -21,7 +21,7 @@ from typing import Any
 from livelens.model.runner import ModelRunner
 from livelens.model.scheduler import Scheduler
 from livelens.stream.errors import SourceError
-from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME
+from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, MIN_TOKENS_PER_FRAME
 from livelens.stream.live import LiveSession, SessionSettings, State, iso
 from livelens.stream.metrics import Metrics
 from livelens.stream.protocol import PullRequest
@@ -44,6 +44,7 @@ class ServiceConfig:
     prune_threshold: float = 0.1
     """DiffFP threshold (mean pixel change x255); live cameras need ~4 to prune anything."""
     tokens_per_frame: int = DEFAULT_TOKENS_PER_FRAME
+    """Merged visual tokens per frame before pruning; at least MIN_TOKENS_PER_FRAME (16)."""
     max_pending_frames: int = 8
     """Sampled frames a session may have waiting for the model before the oldest is dropped."""
     thumbnails: int = DEFAULT_CAPACITY
@@ -59,6 +60,13 @@ class ServiceConfig:
     ended_retention_s: float = 600.0
     """How long an ended session keeps its KV cache for late questions."""
     pull: PullConfig = field(default_factory=PullConfig)
+
+    def __post_init__(self) -> None:
+        # Refused here rather than as an "unsupported frame size" ending every session.
+        if self.tokens_per_frame < MIN_TOKENS_PER_FRAME:
+            raise ValueError(
+                f"tokens_per_frame must be >= {MIN_TOKENS_PER_FRAME}, got {self.tokens_per_frame}"
+            )
 
 
 class ServiceError(Exception):

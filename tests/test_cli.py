@@ -93,6 +93,42 @@ def test_bad_threshold(capsys, clip, value):
     _one_line_error(code, err, "--prune-threshold")
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "10.5", "nan"])
+def test_bad_repetition_penalty(capsys, clip, value):
+    code, _, err = _run(
+        capsys, "ask", str(clip), "q?", "--model", "tiny", "--repetition-penalty", value
+    )
+    _one_line_error(code, err, "repetition_penalty must be in (0, 10]")
+
+
+def test_repetition_penalty_reaches_the_session(capsys, clip, monkeypatch):
+    from livelens.model.session import VideoSession
+
+    asked = []
+    real_ask = VideoSession.ask
+
+    def spy(self, question, params=None):
+        asked.append((self.default_repetition_penalty, params.repetition_penalty))
+        return real_ask(self, question, params)
+
+    monkeypatch.setattr(VideoSession, "ask", spy)
+    for extra in ([], ["--repetition-penalty", "1.25"]):
+        code, _, err = _run(
+            capsys, "ask", str(clip), "q?", "--model", "tiny", "--max-new-tokens", "1", *extra
+        )
+        assert code == 0, err
+    # The tiny checkpoint sets no penalty: None (the checkpoint's) resolves to 1.0 in the session.
+    assert asked == [(1.0, None), (1.0, 1.25)]
+
+
+@pytest.mark.parametrize("value", ["0", "15"])
+def test_tokens_per_frame_under_the_minimum(capsys, clip, value):
+    code, _, err = _run(
+        capsys, "ask", str(clip), "q?", "--model", "tiny", "--tokens-per-frame", value
+    )
+    _one_line_error(code, err, "--tokens-per-frame must be >= 16")
+
+
 @pytest.mark.parametrize("value", ["0", "-2", "nan"])
 def test_bad_fps(capsys, clip, value):
     code, _, err = _run(capsys, "ask", str(clip), "q?", "--model", "tiny", "--fps", value)

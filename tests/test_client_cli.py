@@ -128,14 +128,26 @@ def test_sessions_table_and_json(server, clip, capsys, monkeypatch) -> None:
     assert all(s["stats"]["frames_received"] > 0 and s["kind"] == "pull" for s in listed)
 
 
-def test_ask_server_streams_the_answer_and_prints_segments(server, clip, capsys) -> None:
+def test_ask_server_streams_the_answer_and_prints_segments(
+    server, clip, capsys, monkeypatch
+) -> None:
     url, service = server
     sid = _pull(url, clip, loop=True)
     wait_for(lambda: _position(service, sid) >= 1.0, timeout=30)
-    code, out, err = _run(
-        capsys, "ask", "--server", url, "--token", TOKEN, sid, "When?", "--max-new-tokens", "16"
+    jobs = []
+    submit = service.scheduler.submit_question
+    monkeypatch.setattr(
+        service.scheduler, "submit_question", lambda key, job: jobs.append(job) or submit(key, job)
     )
+    code, out, err = _run(
+        capsys, "ask", "--server", url, "--token", TOKEN, sid, "When?", "--max-new-tokens", "16",
+        "--repetition-penalty", "1.25",
+    )  # fmt: skip
     assert code == 0, err
+    # Sampling options travel through the client and the websocket to the session's decoder.
+    assert [(job.params.max_new_tokens, job.params.repetition_penalty) for job in jobs] == [
+        (16, 1.25)
+    ]
     text, segments_line, stats_line = out.splitlines()
     assert text == STEERED
     [segment] = json.loads(segments_line.removeprefix("segments: "))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import VideoLlama3ForConditionalGeneration
+from transformers import AutoTokenizer, VideoLlama3ForConditionalGeneration
 
 from livelens.model.convert import (
     ConversionError,
@@ -18,6 +19,8 @@ from livelens.model.convert import (
     convert_state_dict,
     is_remote_code_config,
 )
+from livelens.model.prompt import PromptFormat
+from livelens.model.tiny import tiny_checkpoint
 
 # Field names as in the released config.json (Videollama3Qwen2Config = Qwen2Config + extras),
 # with tiny sizes. The attention fields reflect what the original pins at load time.
@@ -384,3 +387,100 @@ def test_checkpoint_refuses_to_overwrite(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         convert_checkpoint(src, dst)
     assert (dst / "keep.txt").read_text() == "mine"
+
+
+# The released checkpoints' processor template, reduced to what text content exercises: no system
+# turn unless the caller passes add_system_prompt; turns framed by <|im_start|> / <|im_end|>.
+VL3_SYSTEM = (
+    "You are VideoLLaMA3 created by Alibaba DAMO Academy, a helpful assistant to help people "
+    "understand images and videos."
+)
+VL3_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if add_system_prompt and loop.first and message['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\n" + VL3_SYSTEM + "<|im_end|>\\n' -}}"
+    "{% endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{- '<|im_start|>assistant\\n' -}}{% endif %}"
+)
+# Qwen2.5-Instruct's template (tool branches left out): a default system turn when none is given.
+QWEN25_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. "
+    "You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def write_tokenizer(
+    path: Path, tiny: Path, *, config_template: str | None, processor_file: dict | str | None
+) -> None:
+    """Replace a snapshot's tokenizer files by a loadable tokenizer (the tiny model's vocabulary)
+    with the remote-code keys of the released tokenizer_config.json and the given templates."""
+    for name in ("vocab.json", "merges.txt"):
+        (path / name).unlink()
+    shutil.copy(tiny / "tokenizer.json", path / "tokenizer.json")
+    config = json.loads((tiny / "tokenizer_config.json").read_text())
+    config |= {
+        "auto_map": {"AutoProcessor": "processing_videollama3.Videollama3Qwen2Processor"},
+        "processor_class": "Videollama3Qwen2Processor",
+    }
+    if config_template is not None:
+        config["chat_template"] = config_template
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    if processor_file is not None:
+        (path / "chat_template.json").write_text(json.dumps(processor_file))
+
+
+@pytest.mark.parametrize(
+    ("config_template", "processor_file"),
+    [
+        (None, {"chat_template": VL3_TEMPLATE}),
+        (QWEN25_TEMPLATE, {"chat_template": VL3_TEMPLATE}),
+        (QWEN25_TEMPLATE, VL3_TEMPLATE),  # a bare JSON string is accepted too
+    ],
+    ids=["config-without-template", "config-with-qwen-template", "bare-string"],
+)
+def test_converted_tokenizer_renders_the_processor_template(
+    tmp_path: Path,
+    model_cache: Path,
+    config_template: str | None,
+    processor_file: dict | str,
+) -> None:
+    src, dst = tmp_path / "remote", tmp_path / "native"
+    write_remote_snapshot(src, REMOTE_CONFIG, remote_state_dict(REMOTE_CONFIG), n_shards=1)
+    tiny = tiny_checkpoint(model_cache)
+    write_tokenizer(src, tiny, config_template=config_template, processor_file=processor_file)
+
+    convert_checkpoint(src, dst)
+
+    assert (dst / "chat_template.jinja").read_text() == VL3_TEMPLATE
+    assert "chat_template" not in json.loads((dst / "tokenizer_config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(dst)
+    messages = [{"role": "user", "content": "hi"}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    video_token_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    prompt = PromptFormat.from_tokenizer(tokenizer, video_token_id)
+    # As the original's inference code renders it (add_system_prompt=True).
+    assert prompt.prefix == f"<|im_start|>system\n{VL3_SYSTEM}<|im_end|>\n<|im_start|>user\n"
+    assert prompt.suffix == "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_malformed_processor_template_is_refused(tmp_path: Path, model_cache: Path) -> None:
+    src, dst = tmp_path / "remote", tmp_path / "native"
+    write_remote_snapshot(src, REMOTE_CONFIG, remote_state_dict(REMOTE_CONFIG), n_shards=1)
+    tiny = tiny_checkpoint(model_cache)
+    write_tokenizer(src, tiny, config_template=None, processor_file={"template": VL3_TEMPLATE})
+    with pytest.raises(ConversionError, match="chat_template"):
+        convert_checkpoint(src, dst)
+    assert not dst.exists()

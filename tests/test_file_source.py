@@ -334,3 +334,5 @@ def test_bad_arguments(videos: dict[str, Video]) -> None:
         sample_file(path, fps=0)
     with pytest.raises(ValueError):
         sample_file(path, tokens_per_frame=0)
+    with pytest.raises(ValueError, match=">= 16"):
+        sample_file(path, tokens_per_frame=15)

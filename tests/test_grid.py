@@ -1,4 +1,5 @@
-"""The session grid: transformers' smart_resize rule with a per-frame token budget, and resizing."""
+"""The session grid: the original VideoLLaMA3 resize rule with a per-frame token budget (at
+least 16 merged tokens per frame), and resizing."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import smart_resize
 
-from livelens.stream.grid import Grid, choose_grid, resize_to_grid
+from livelens.stream.grid import MIN_TOKENS_PER_FRAME, Grid, choose_grid, resize_to_grid
 
 FACTOR = 28  # patch 14 x merge 2
 
 
 def reference(height: int, width: int, tokens: int = 91, factor: int = FACTOR) -> tuple[int, int]:
+    """transformers' smart_resize with the original's 16-token minimum. It agrees with the
+    original rule except where shrinking to the budget leaves a frame under the minimum."""
     return smart_resize(
-        height, width, factor=factor, min_pixels=factor**2, max_pixels=tokens * factor**2
+        height, width, factor=factor, min_pixels=16 * factor**2, max_pixels=tokens * factor**2
     )
 
 
@@ -30,14 +33,42 @@ def reference(height: int, width: int, tokens: int = 91, factor: int = FACTOR) -
         (480, 640, (224, 308)),  # 88 tokens
         (120, 160, (112, 168)),  # small frames are rounded, not upscaled to the budget
         (2160, 3840, (196, 336)),
-        (28, 28, (28, 28)),
-        (1, 1, (28, 28)),  # at least one merged token
+        (28, 28, (112, 112)),  # under 16 merged tokens: enlarged to 16
+        (1, 1, (112, 112)),
     ],
 )
 def test_common_sizes(height: int, width: int, expected: tuple[int, int]) -> None:
     grid = choose_grid(height, width)
     assert (grid.height, grid.width) == expected == reference(height, width)
-    assert grid.tokens <= 91
+    assert 16 <= grid.tokens <= 91
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "expected"),
+    [
+        # 32 x 32 px rounds to 1 x 1 token; x sqrt(16 * 28^2 / 32^2) = x 3.5 -> 112 x 112 px.
+        (32, 32, (112, 112)),
+        # 56 x 84 px is 2 x 3 tokens; x 1.633 -> ceil(3.27) x ceil(4.90) = 4 x 5 tokens.
+        (56, 84, (112, 140)),
+        (10, 1000, (28, 1120)),  # 1 x 40: the short side gets one token, the long side the rest
+    ],
+)
+def test_frames_under_16_tokens_are_enlarged(
+    height: int, width: int, expected: tuple[int, int]
+) -> None:
+    grid = choose_grid(height, width)
+    assert (grid.height, grid.width) == expected
+    assert grid.tokens >= MIN_TOKENS_PER_FRAME == 16
+
+
+def test_the_minimum_wins_over_the_budget() -> None:
+    # Budget 16: 120 x 160 px shrinks to 3 x 4 = 12 tokens, then the minimum enlarges it to
+    # 4 x 5 = 20 tokens, as the original processor does (it applies the minimum after the
+    # budget). transformers' smart_resize stops at 12 tokens.
+    assert reference(120, 160, tokens=16) == (84, 112)
+    grid = choose_grid(120, 160, tokens_per_frame=16)
+    assert (grid.height, grid.width) == (112, 140)
+    assert grid.tokens == 20
 
 
 @pytest.mark.parametrize(
@@ -53,30 +84,28 @@ def test_matches_smart_resize(height: int, width: int) -> None:
 @given(
     height=st.integers(1, 5000),
     width=st.integers(1, 5000),
-    tokens=st.integers(1, 400),
+    tokens=st.integers(16, 400),
 )
-def test_smart_resize_within_budget(height: int, width: int, tokens: int) -> None:
+def test_grid_within_budget_and_minimum(height: int, width: int, tokens: int) -> None:
     assume(max(height, width) / min(height, width) <= 200)
     grid = choose_grid(height, width, tokens_per_frame=tokens)
     assert grid.height % FACTOR == 0 and grid.width % FACTOR == 0
-    assert 1 <= grid.tokens <= tokens
+    # The minimum can exceed a small budget: at most ceil(sqrt(16 * 200)) = 57 tokens (1:200).
+    assert 16 <= grid.tokens <= max(tokens, 57)
     ref_h, ref_w = reference(height, width, tokens)
-    if (ref_h // FACTOR) * (ref_w // FACTOR) <= tokens:
+    if 16 <= (ref_h // FACTOR) * (ref_w // FACTOR) <= tokens and min(ref_h, ref_w) > FACTOR:
+        # smart_resize lifts a side shrunk to nothing to one unit; elsewhere the rules agree.
         assert (grid.height, grid.width) == (ref_h, ref_w)
-    else:
-        # Only thin frames overshoot: smart_resize lifts the short side to one factor.
-        assert min(grid.height, grid.width) == FACTOR
-        assert grid.tokens == tokens
 
 
-def test_thin_frame_keeps_the_budget() -> None:
-    # smart_resize gives 28 x 3752 = 134 tokens here; the budget of 91 is kept instead.
+def test_thin_frame() -> None:
+    # The budget shrinks 20 x 3990 px to 0 x 134 tokens; the minimum then gives 1 x 57 (the
+    # original's result). smart_resize keeps one row and gives 1 x 134, over the budget of 91.
     assert reference(20, 3990) == (28, 3752)
     grid = choose_grid(20, 3990)
-    assert (grid.height, grid.width) == (28, 91 * 28)
-    assert grid.tokens == 91
+    assert (grid.height, grid.width) == (28, 57 * 28)
     tall = choose_grid(3990, 20)
-    assert (tall.height, tall.width) == (91 * 28, 28)
+    assert (tall.height, tall.width) == (57 * 28, 28)
 
 
 @pytest.mark.parametrize(("patch", "merge"), [(16, 1), (14, 1), (16, 2)])
@@ -102,6 +131,7 @@ def test_grid_properties() -> None:
         {"height": 10.0, "width": 10},
         {"height": True, "width": 10},
         {"height": 10, "width": 10, "tokens_per_frame": 0},
+        {"height": 10, "width": 10, "tokens_per_frame": 15},  # under VideoLLaMA3's minimum
         {"height": 10, "width": 10, "tokens_per_frame": 1.5},
         {"height": 10, "width": 10, "patch_size": 0},
         {"height": 10, "width": 10, "merge_size": -2},

@@ -45,6 +45,27 @@ def test_remote_code_directory_is_converted_once_and_cached(tmp_path):
     assert (native / "config.json").stat().st_mtime_ns == stamp
 
 
+def test_changed_source_files_or_converter_are_converted_again(tmp_path, monkeypatch):
+    from livelens.model import convert
+
+    src = tmp_path / "VideoLLaMA3-2B"
+    write_remote_snapshot(src, REMOTE_CONFIG, remote_state_dict(REMOTE_CONFIG), n_shards=1)
+    cache = tmp_path / "cache"
+    first = resolve_checkpoint(str(src), cache)
+
+    (src / "chat_template.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    second = resolve_checkpoint(str(src), cache)
+    assert second != first
+    assert (second / "chat_template.jinja").read_text() == "{{ messages }}"
+
+    monkeypatch.setattr(convert, "CONVERSION_VERSION", convert.CONVERSION_VERSION + 1)
+    third = resolve_checkpoint(str(src), cache)
+    assert third not in (first, second)
+    assert sorted(p.name for p in (cache / "converted").iterdir()) == sorted(
+        p.name for p in (first, second, third)
+    )
+
+
 def test_native_directory_is_used_in_place(tiny_model):
     assert resolve_checkpoint(str(tiny_model.path)) == tiny_model.path
 

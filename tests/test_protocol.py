@@ -59,6 +59,15 @@ def test_every_json_example_in_the_api_doc_validates() -> None:
         ('{"type": "ask", "id": "", "question": "q"}', "invalid_message"),
         ('{"type": "ask", "id": "a", "question": "q", "extra": 1}', "invalid_message"),
         ('{"type": "ask", "id": "a", "question": "q", "top_p": 0}', "invalid_message"),
+        ('{"type": "ask", "id": "a", "question": "q", "repetition_penalty": 0}', "invalid_message"),
+        (
+            '{"type": "ask", "id": "a", "question": "q", "repetition_penalty": 11}',
+            "invalid_message",
+        ),
+        (
+            '{"type": "ask", "id": "a", "question": "q", "repetition_penalty": NaN}',
+            "invalid_message",
+        ),
         ('{"id": "a"}', "unknown_type"),
     ],
 )
@@ -68,3 +77,12 @@ def test_refusals_have_stable_codes(raw: str | bytes, code: str) -> None:
     with pytest.raises(ProtocolError) as refused:
         parse_client_message(raw)
     assert refused.value.code == code
+
+
+def test_repetition_penalty_defaults_to_the_checkpoint() -> None:
+    ask = parse_client_message('{"type": "ask", "id": "a", "question": "q"}')
+    assert isinstance(ask, AskMessage) and ask.repetition_penalty is None
+    ask = parse_client_message(
+        '{"type": "ask", "id": "a", "question": "q", "repetition_penalty": 1.2}'
+    )
+    assert isinstance(ask, AskMessage) and ask.repetition_penalty == 1.2

@@ -50,7 +50,21 @@ def test_serve_starts_answers_probes_and_stops(model_cache, redis_server, tmp_pa
 def test_serve_refuses_bad_flags_in_one_line(capsys) -> None:
     from livelens.stream.cli import main
 
-    for argv in (["--fps", "0"], ["--port", "70000"], ["--prune-threshold", "x"]):
+    bad = (
+        ["--fps", "0"],
+        ["--port", "70000"],
+        ["--prune-threshold", "x"],
+        ["--tokens-per-frame", "15"],
+    )
+    for argv in bad:
         assert main(["serve", "--model", "tiny", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("livelens: error:") and err.count("\n") == 1, err
+
+
+def test_service_config_refuses_a_budget_under_the_minimum() -> None:
+    from livelens.stream.service import ServiceConfig
+
+    with pytest.raises(ValueError, match="tokens_per_frame must be >= 16"):
+        ServiceConfig(tokens_per_frame=15)
+    assert ServiceConfig(tokens_per_frame=16).tokens_per_frame == 16
