@@ -1,8 +1,9 @@
 """The streaming session equals ONE offline transformers forward over the same frames.
 
-The reference side uses only transformers: the PIL image processor for normalized patches,
-the video processor's `_get_compression_mask` for DiffFP, the tokenizer's own chat template over
-the whole prompt string, and `VideoLlama3ForConditionalGeneration.forward` / `.generate`.
+The reference side (livelens.model.reference) uses only transformers: the PIL image processor
+for normalized patches, the video processor's `_get_compression_mask` for DiffFP, the tokenizer's
+own chat template over the whole prompt string, and `VideoLlama3ForConditionalGeneration.forward`
+/ `.generate`; it shares no code with the session.
 """
 
 from __future__ import annotations
@@ -10,11 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hf_reference import compression_mask
-from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import (
-    VideoLlama3ImageProcessorPil,
-)
 
+from livelens.model.reference import OfflineReference
 from livelens.model.runner import ModelRunner
 from livelens.model.session import SamplingParams, VideoSession
 
@@ -39,49 +37,13 @@ def _frames() -> tuple[np.ndarray, list[float]]:
 
 def _offline(loaded, frames: np.ndarray, times: list[float]):
     """Whole-prompt forward and greedy generate, built only from transformers' own parts."""
-    processor = VideoLlama3ImageProcessorPil(do_resize=False, merge_size=2)
-    pixel_values = torch.cat(
-        [torch.from_numpy(processor(f, return_tensors="np")["pixel_values"]) for f in frames]
-    )
-    t, gh, gw = len(frames), HEIGHT // 14, WIDTH // 14
-    grid = torch.tensor([[t, gh, gw]])
-    merge = torch.tensor([2])
-    mask = compression_mask(
-        pixel_values_videos=pixel_values,
-        video_grid_thw=grid,
-        video_merge_sizes=merge,
-        threshold=THRESHOLD,
-        min_tokens=1,
-    )
-    kept = mask.view(t, -1).sum(dim=1).tolist()
-    tok = loaded.tokenizer
-    video_token = tok.convert_ids_to_tokens(loaded.video_token_id)
-    video = ",".join(
-        f"Time {ts:.1f}s:" + video_token * n for ts, n in zip(times, kept, strict=True)
-    )
-    text = tok.apply_chat_template(
-        [{"role": "user", "content": video + "\n" + QUESTION}],
-        tokenize=False,
-        add_generation_prompt=True,
-    )
-    input_ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    inputs = dict(
-        input_ids=input_ids,
-        pixel_values_videos=pixel_values,
-        video_grid_thw=grid,
-        video_merge_sizes=merge,
-        video_compression_mask=mask,
-    )
-    with torch.inference_mode():
-        logits = loaded.model(**inputs).logits[0, -1]
-        generated = loaded.model.generate(
-            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, attention_mask=None
-        )
-    answer = generated[0, input_ids.shape[1] :].tolist()
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    if eos in answer:
-        answer = answer[: answer.index(eos)]
-    return {"logits": logits, "answer": answer, "kept": kept, "input_ids": input_ids[0].tolist()}
+    reference = OfflineReference(loaded, frames, times, threshold=THRESHOLD, min_tokens=1)
+    return {
+        "logits": reference.logits(QUESTION),
+        "answer": reference.generate(QUESTION, NEW_TOKENS),
+        "kept": reference.kept,
+        "input_ids": reference.input_ids(QUESTION),
+    }
 
 
 @pytest.fixture(scope="module")
