@@ -84,7 +84,10 @@ class Scores:
         out["absent"] = _mean(self.absent_correct)
         out["scene"] = _mean(self.scene)
         out["grounding_n"] = len(self.ious)
+        out["absent_n"] = len(self.absent_correct)
         out["yes_no_n"] = len(self.yes_no)
+        out["scene_n"] = len(self.scene)
+        out["n"] = len(self.ious) + len(self.absent_correct) + len(self.yes_no) + len(self.scene)
         return out
 
 
