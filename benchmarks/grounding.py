@@ -58,7 +58,7 @@ PATHS = ("offline", "pull", "whip", "oracle")
 ALIASES = {"live": ("pull", "whip")}
 LIVE_PATHS = ("pull", "whip")
 DEFAULT_PATHS = "offline,live,oracle"
-# A live server may answer while other sessions still play: enough for the slowest CPU here.
+# Seconds `livelens serve` may take to load the model and answer /healthz on a busy CPU.
 SERVER_START_S = 180.0
 
 
@@ -103,8 +103,8 @@ class Case:
 def plan_questions(scene: Scene, times: Sequence[float], rng: random.Random, at: int) -> list[Ask]:
     """WHEN for every object and one absent one, FIRST for repeat visitors, AT and NOW yes/no.
 
-    AT questions alternate between an object visible at the moment (yes) and one that is not
-    (no), so a model answering always the same word scores 0.5 on them.
+    AT questions alternate, where the moment allows, between an object visible then (yes) and
+    one that is not (no), so answering always the same word scores about 0.5 on them.
     """
     present = [o.name for o in scene.objects]
     absent = rng.choice([n for n in vocabulary() if n not in present])
