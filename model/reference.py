@@ -4,7 +4,9 @@ Built only from transformers' parts: the PIL image processor for normalized patc
 processor's `_get_compression_mask` for DiffFP, the tokenizer's chat template over the whole
 prompt string, and `VideoLlama3ForConditionalGeneration.forward` / `.generate`. It shares no code
 with `VideoSession`, so a session that agrees with it token for token is exact by construction
-(tests/test_exactness.py, benchmarks/grounding.py).
+(tests/test_exactness.py, benchmarks/grounding.py). Answers are decoded as the original
+VideoLLaMA3 `generate` decodes them: `generate(inputs_embeds=...)` with the checkpoint's
+repetition penalty, which then counts the answer's own tokens only.
 
 `video_processing_video_llama_3` imports torchvision at module level, which has no CPU build on
 the dev machines. `_get_compression_mask` is pure torch, so that one method is compiled from the
@@ -18,6 +20,7 @@ import ast
 import functools
 import importlib.util
 import textwrap
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -118,7 +121,10 @@ class OfflineReference:
         self.stop_ids = stop_token_ids(loaded)
 
     def prompt(self, question: str) -> str:
-        """The whole prompt: VideoLLaMA3's frame labels and tokens inside the chat template."""
+        """The whole prompt: VideoLLaMA3's frame labels and tokens inside the chat template.
+
+        add_system_prompt as the original's inference passes it (templates without it ignore it).
+        """
         tok = self.loaded.tokenizer
         video_token = tok.convert_ids_to_tokens(self.loaded.video_token_id)
         video = ",".join(
@@ -128,12 +134,14 @@ class OfflineReference:
             [{"role": "user", "content": video + "\n" + question}],
             tokenize=False,
             add_generation_prompt=True,
+            add_system_prompt=True,
         )
 
     def input_ids(self, question: str) -> list[int]:
-        return self._inputs(question)["input_ids"][0].tolist()
+        return self.inputs(question)["input_ids"][0].tolist()
 
-    def _inputs(self, question: str) -> dict[str, torch.Tensor]:
+    def inputs(self, question: str) -> dict[str, torch.Tensor]:
+        """The model inputs of the whole prompt (ids, patches, grid, DiffFP mask)."""
         tok = self.loaded.tokenizer
         ids = tok(self.prompt(question), add_special_tokens=False, return_tensors="pt")
         device, dtype = self.loaded.device, self.loaded.dtype
@@ -148,25 +156,47 @@ class OfflineReference:
     @torch.inference_mode()
     def logits(self, question: str) -> torch.Tensor:
         """Logits of the first answer token, from one forward over the whole prompt."""
-        return self.loaded.model(**self._inputs(question)).logits[0, -1].float()
+        return self.loaded.model(**self.inputs(question)).logits[0, -1].float()
+
+    @torch.inference_mode()
+    def embeddings(self, question: str) -> torch.Tensor:
+        """(1, L, D): what transformers' own forward feeds its LLM, visual features scattered in."""
+        model = self.loaded.model
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            captured["embeds"] = kwargs["inputs_embeds"]
+
+        hook = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            model(**self.inputs(question))
+        finally:
+            hook.remove()
+        return captured["embeds"]
 
     @torch.inference_mode()
     def generate(self, question: str, max_new_tokens: int) -> list[int]:
-        """Greedy answer token ids (stop token excluded) from `model.generate`.
+        """Greedy answer token ids (stop token excluded), as the original `generate` makes them.
 
-        A plain greedy config, not the checkpoint's generation_config: a repetition penalty
-        there (Qwen2.5-Instruct ships 1.1) is a decoding choice, not part of the forward.
+        The original hands transformers `inputs_embeds` and no `input_ids`, so the checkpoint's
+        repetition penalty (Qwen2.5-Instruct ships 1.1) sees only the answer's tokens.
         """
         from transformers import GenerationConfig
 
-        inputs = self._inputs(question)
+        penalty = self.loaded.model.generation_config.repetition_penalty
         config = GenerationConfig(
             do_sample=False,
             max_new_tokens=max_new_tokens,
+            repetition_penalty=1.0 if penalty is None else float(penalty),
             eos_token_id=self.stop_ids,
             pad_token_id=self.stop_ids[0],
         )
-        out = self.loaded.model.generate(**inputs, generation_config=config, attention_mask=None)
-        answer = out[0, inputs["input_ids"].shape[1] :].tolist()
+        with warnings.catch_warnings():
+            # transformers notes that the penalty then applies to new tokens only: the point.
+            warnings.filterwarnings("ignore", message=".*only to newly generated tokens.*")
+            out = self.loaded.model.generate(
+                inputs_embeds=self.embeddings(question), generation_config=config
+            )
+        answer = out[0].tolist()
         ends = [i for i, token in enumerate(answer) if token in self.stop_ids]
         return answer[: ends[0]] if ends else answer

@@ -13,7 +13,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from hf_reference import compression_mask
 from test_exactness import HEIGHT, QUESTION, THRESHOLD, WIDTH, _frames, _stream
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import (
@@ -21,6 +20,7 @@ from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import
 )
 
 from livelens.model.loading import LoadedModel, load_model
+from livelens.model.reference import OfflineReference, compression_mask
 from livelens.model.session import SamplingParams, SessionError, VideoSession
 
 PENALTY = 1.3
@@ -122,6 +122,9 @@ def test_checkpoint_repetition_penalty_matches_the_original_generate(
     unpenalized = session.answer(QUESTION, SamplingParams(PENALTY_TOKENS, repetition_penalty=1.0))
 
     assert answer == original
+    # The package's oracle (benchmarks/grounding.py) decodes as the original does.
+    oracle = OfflineReference(penalized_model, frames, times, threshold=THRESHOLD)
+    assert oracle.generate(QUESTION, PENALTY_TOKENS) == original
     assert unpenalized.token_ids != answer, "the penalty must decide this answer"
     assert len(set(unpenalized.token_ids)) < len(unpenalized.token_ids)  # it repeats a token
     assert prompt_counted != answer, "penalizing the prompt's ids too must give another answer"
