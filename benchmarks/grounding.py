@@ -564,16 +564,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from livelens.model.loading import load_model
-    from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME
+    from livelens.stream.cli import model_tokens_per_frame
 
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         workdir.mkdir(parents=True, exist_ok=True)
         loaded = load_model(args.model, device=args.device)
-        tokens_per_frame = (
-            args.tokens_per_frame
-            or getattr(loaded, "tokens_per_frame", None)
-            or DEFAULT_TOKENS_PER_FRAME
+        # As `livelens ask` and `serve` choose it: the flag, else the checkpoint's livelens.json.
+        tokens_per_frame = args.tokens_per_frame or model_tokens_per_frame(
+            args.model, loaded.tokens_per_frame
         )
         cases = make_cases(
             args.scenes,
