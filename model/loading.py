@@ -70,7 +70,11 @@ def resolve_checkpoint(spec: str, cache_dir: Path | None = None) -> Path:
         return tiny_checkpoint(cache_dir)
     if spec == TINY_GROUNDING:
         if not (TINY_GROUNDING_DIR / "config.json").is_file():
-            raise ModelLoadError(f"the tiny grounding model is missing from {TINY_GROUNDING_DIR}")
+            raise ModelLoadError(
+                f"the tiny grounding model is not in this installation ({TINY_GROUNDING_DIR} "
+                "has no checkpoint): train it with `python -m livelens.model.training --out "
+                f"{TINY_GROUNDING_DIR}`, or use --model tiny (random weights)"
+            )
         return TINY_GROUNDING_DIR
     path = Path(spec).expanduser()
     if spec.strip() and path.exists():

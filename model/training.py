@@ -98,13 +98,13 @@ class TrainConfig:
     """DiffFP thresholds drawn per clip: mostly the default, sometimes a pruning one."""
     stages: tuple[Stage, ...] = field(
         default_factory=lambda: (
-            Stage("moments", 300, 2.0, 6.0, (1.0, 2.0), _MOMENTS, questions=6),
-            Stage("short", 500, 3.0, 12.0, (1.0, 2.0), _MIX, questions=8),
-            Stage("long", 900, 8.0, 48.0, (0.5, 1.0, 2.0), _MIX, questions=8, max_frames=48),
+            Stage("moments", 300, 2.0, 6.0, (1.0, 2.0), _MOMENTS, questions=12),
+            Stage("short", 500, 3.0, 12.0, (1.0, 2.0), _MIX, questions=12),
+            Stage("long", 900, 8.0, 48.0, (0.5, 1.0, 2.0), _MIX, questions=12, max_frames=48),
         )
     )
     token_loss: float = 0.5
-    """Weight of the per-token object loss on the projected visual features (see token_labels)."""
+    """Weight of the per-token object loss on the projected visual features (see WordProbe)."""
     vision_hidden: int = 128
     vision_layers: int = 2
     text_hidden: int = 256
@@ -125,6 +125,8 @@ class Clip:
     grid: Grid
     labels: np.ndarray
     """int64 (T, tokens): the object covering each merged token (0 = none; see token_labels)."""
+    present: np.ndarray
+    """float32 (T, vocabulary): which objects each frame shows (see FrameProbe)."""
 
 
 def camera_frames(scene: Scene, times: Sequence[float], *, crf: int, offset: float = 0.0):
@@ -171,7 +173,13 @@ def make_clip(seed: int, stage: Stage, config: TrainConfig) -> Clip:
     maker = QuestionMaker(scene, times, offset=offset)
     questions = maker.questions(rng, stage.questions, stage.kinds)
     labels = np.stack([token_labels(scene, offset + t, grid) for t in times])
-    return Clip(frames, times, questions, rng.choice(config.thresholds), grid, labels)
+    names = vocabulary()
+    present = np.zeros((len(times), len(names)), np.float32)
+    for i, t in enumerate(times):
+        for obj in scene.visible_at(offset + t):
+            present[i, names.index(obj.name)] = 1.0
+    threshold = rng.choice(config.thresholds)
+    return Clip(frames, times, questions, threshold, grid, labels, present)
 
 
 def token_labels(scene: Scene, t: float, grid: Grid) -> np.ndarray:
@@ -209,6 +217,8 @@ class Packed:
     kept: torch.Tensor
     """(T, tokens) bool DiffFP keep mask."""
     patches: torch.Tensor
+    frame_last: torch.Tensor
+    """(T,) position of each frame's last visual token."""
 
 
 def pack(clip: Clip, tokenizer, prompt: PromptFormat, video_token_id: int, eos_id: int) -> Packed:
@@ -220,12 +230,15 @@ def pack(clip: Clip, tokenizer, prompt: PromptFormat, video_token_id: int, eos_i
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     ids: list[int] = []
+    frame_last: list[int] = []
     pending = prompt.prefix
     for i, (t, n) in enumerate(zip(clip.times, pruned.keep.sum(1).tolist(), strict=True)):
         pending += prompt.frame_label(i, t)
-        if n == 0:
+        if n == 0:  # min_tokens >= 1 keeps this from happening in training
+            frame_last.append(len(ids) - 1)
             continue
         ids += tokenize(pending) + [video_token_id] * n
+        frame_last.append(len(ids) - 1)
         pending = ""
     video = len(ids)
     blocks = []
@@ -257,7 +270,80 @@ def pack(clip: Clip, tokenizer, prompt: PromptFormat, video_token_id: int, eos_i
         targets=torch.tensor(targets),
         kept=pruned.keep,
         patches=pruned.patches,
+        frame_last=torch.tensor(frame_last),
     )
+
+
+class WordProbe(torch.nn.Module):
+    """Reads each projected visual token as the words naming the object on it.
+
+    Cosine similarity between the token and the LLM's own input embeddings of the colour words
+    ("Nothing", " red", ...) and of the shape words ("Nothing", " ball", ...), one softmax each.
+    Object tokens are pulled toward the embeddings of their names, which the question's words
+    use, so the LLM can match "red ball" in a question to red-ball tokens early in training.
+    Not part of the saved model: it holds only a scale; the embeddings are the model's.
+    """
+
+    def __init__(self, tokenizer, embeddings: torch.nn.Embedding) -> None:
+        super().__init__()
+        from livelens.model.scenes import COLOURS, SHAPES
+
+        def word(text: str) -> int:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise ValueError(f"{text!r} is not one token of the tiny tokenizer: {ids}")
+            return ids[0]
+
+        nothing = word("Nothing")
+        self.colour_ids = [nothing, *(word(" " + c) for c in COLOURS)]
+        self.shape_ids = [nothing, *(word(" " + s) for s in SHAPES)]
+        self.embeddings = [embeddings]  # a list: not registered, so not saved or counted twice
+        self.scale = torch.nn.Parameter(torch.tensor(10.0))
+        names = vocabulary()
+        colours, shapes = list(COLOURS), list(SHAPES)
+        # label (0 = none, 1 + vocabulary index) -> (colour class, shape class)
+        table = [(0, 0)] + [
+            (1 + colours.index(n.split()[0]), 1 + shapes.index(n.split()[1])) for n in names
+        ]
+        self.register_buffer("table", torch.tensor(table), persistent=False)
+
+    def forward(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        weight = self.embeddings[0].weight
+        feats = F.normalize(feats, dim=-1)
+        loss = feats.new_zeros(())
+        for ids, column in ((self.colour_ids, 0), (self.shape_ids, 1)):
+            words = F.normalize(weight[ids], dim=-1)
+            logits = self.scale * feats @ words.T
+            loss = loss + F.cross_entropy(logits, self.table[labels, column])
+        return loss / 2
+
+
+class FrameProbe(torch.nn.Module):
+    """Deep supervision of the LLM at each frame's last visual token, in a middle layer: which
+    objects the frame shows, and the digits of its own time label (tens, units, tenths).
+
+    These are the facts a grounding answer is made of (find the frames showing the object, copy
+    their labels); asking for them where each frame ends lets the model learn them per frame
+    instead of only through whole answers. Not part of the saved model.
+    """
+
+    def __init__(self, hidden: int, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.present = torch.nn.Linear(hidden, len(vocabulary()))
+        self.digits = torch.nn.Linear(hidden, 30)
+
+    def forward(
+        self, hidden: torch.Tensor, times: Sequence[float], present: np.ndarray
+    ) -> torch.Tensor:
+        tenths = torch.tensor([round(t * 10) for t in times]).clamp(max=999)
+        digits = torch.stack([tenths // 100, tenths // 10 % 10, tenths % 10], dim=1)
+        logits = self.digits(hidden).view(-1, 3, 10)
+        digit_loss = F.cross_entropy(logits.reshape(-1, 10), digits.reshape(-1))
+        presence = F.binary_cross_entropy_with_logits(
+            self.present(hidden), torch.from_numpy(present)
+        )
+        return digit_loss + presence
 
 
 def clip_loss(
@@ -268,6 +354,8 @@ def clip_loss(
     video_token_id: int,
     token_head: torch.nn.Module | None = None,
     labels: np.ndarray | None = None,
+    frame_probe: FrameProbe | None = None,
+    clip: Clip | None = None,
 ) -> torch.Tensor:
     """Mean next-token loss over the answers, through the real vision tower and LLM; plus, with
     `token_head`, the per-token object loss on the projected features (all tokens, kept or not).
@@ -281,20 +369,25 @@ def clip_loss(
     ).pooler_output[0]
     aux = None
     if token_head is not None and labels is not None:
-        aux = F.cross_entropy(token_head(feats), torch.from_numpy(labels).reshape(-1))
+        aux = token_head(feats, torch.from_numpy(labels).reshape(-1))
     feats = feats[packed.kept.reshape(-1)]
     embeds = model.get_input_embeddings()(packed.ids)
     slots = packed.ids == video_token_id
     embeds = embeds.masked_scatter(slots[:, None], feats.to(embeds.dtype))
-    hidden = model.model.language_model(
+    out = model.model.language_model(
         inputs_embeds=embeds[None],
         attention_mask=packed.mask,
         position_ids=packed.positions[None],
         use_cache=False,
-    ).last_hidden_state[0]
+        output_hidden_states=frame_probe is not None,
+    )
+    hidden = out.last_hidden_state[0]
     where = packed.targets != -100
     logits = model.lm_head(hidden[where])
     loss = F.cross_entropy(logits.float(), packed.targets[where])
+    if frame_probe is not None and clip is not None:
+        middle = out.hidden_states[frame_probe.layer][0, packed.frame_last]
+        aux = aux + frame_probe(middle, clip.times, clip.present)
     return loss if aux is None else (loss, aux)
 
 
@@ -337,7 +430,29 @@ def build_model(config: TrainConfig):
     torch.manual_seed(config.seed)
     model = VideoLlama3ForConditionalGeneration(model_config)
     model.config.use_cache = True
+    _widen_inputs(model)
     return tokenizer, model
+
+
+@torch.no_grad()
+def _widen_inputs(model) -> None:
+    """Unit-scale input embeddings and visual features instead of the default std 0.02.
+
+    At std 0.02 the token identities entering the residual stream are swamped by the layers'
+    own outputs, and a model this small stays for hundreds of steps on the answer priors without
+    reading the frames (measured: an LLM fed perfect per-token object labels as embeddings
+    learned to name them several times faster at std 1 than at std 0.02).
+    """
+    model.get_input_embeddings().weight.normal_(0.0, 1.0)
+    last = model.model.projector.readout[-1]
+    probe = model.model.get_video_features(
+        pixel_values_videos=torch.randn(64, 3 * 14 * 14),
+        video_grid_thw=torch.tensor([[1, 8, 8]]),
+        video_merge_sizes=torch.tensor([2]),
+        return_dict=True,
+    ).pooler_output[0]
+    last.weight.mul_(1.0 / probe.std())
+    last.bias.zero_()
 
 
 def _clips(stage: Stage, config: TrainConfig, first_seed: int) -> Iterator[Clip]:
@@ -363,9 +478,9 @@ def train(out: Path, config: TrainConfig, *, log_every: int = 25, eval_scenes: i
     video_id = int(model.config.video_token_id)
     eos_id = int(tokenizer.convert_tokens_to_ids("<|im_end|>"))
     total_steps = sum(s.steps for s in config.stages)
-    # Reads the projected visual tokens for the per-token object loss; not part of the model.
-    token_head = torch.nn.Linear(model.config.text_config.hidden_size, len(vocabulary()) + 1)
-    params = [*model.parameters(), *token_head.parameters()]
+    token_head = WordProbe(tokenizer, model.get_input_embeddings())
+    frame_probe = FrameProbe(config.text_hidden, layer=config.text_layers // 2)
+    params = [*model.parameters(), *token_head.parameters(), *frame_probe.parameters()]
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98)
     )
@@ -396,7 +511,15 @@ def train(out: Path, config: TrainConfig, *, log_every: int = 25, eval_scenes: i
                 clip = next(clips)
                 packed = pack(clip, tokenizer, prompt, video_id, eos_id)
                 loss, aux = clip_loss(
-                    model, packed, clip.grid, len(clip.times), video_id, token_head, clip.labels
+                    model,
+                    packed,
+                    clip.grid,
+                    len(clip.times),
+                    video_id,
+                    token_head,
+                    clip.labels,
+                    frame_probe,
+                    clip,
                 )
                 ((loss + config.token_loss * aux) / config.batch).backward()
                 losses.append(loss.item())

@@ -83,3 +83,33 @@ def test_other_model_types_are_refused(tmp_path):
 def test_malformed_specs(tmp_path, spec):
     with pytest.raises(ModelLoadError, match="unknown model"):
         load_model(spec, cache_dir=tmp_path)
+
+
+def test_tiny_grounding_resolves_to_the_package_copy_or_says_how_to_train_it(tmp_path):
+    """No download or build for it: the packaged checkpoint, or one clear error naming the fix."""
+    from livelens.model.loading import TINY_GROUNDING_DIR
+
+    if (TINY_GROUNDING_DIR / "config.json").is_file():
+        assert resolve_checkpoint("tiny-grounding", tmp_path) == TINY_GROUNDING_DIR
+        loaded = load_model("tiny-grounding", device="cpu")
+        assert loaded.tokens_per_frame == 24
+        size = sum(f.stat().st_size for f in TINY_GROUNDING_DIR.iterdir())
+        assert size <= 25 * 2**20
+    else:
+        with pytest.raises(ModelLoadError, match=r"python -m livelens\.model\.training"):
+            resolve_checkpoint("tiny-grounding", tmp_path)
+    assert not any(tmp_path.iterdir()), "nothing is built or downloaded for it"
+
+
+@pytest.mark.parametrize("value", [0, 15, "24", True, 2.5])
+def test_bad_livelens_json_budget_is_refused(tmp_path, value):
+    from livelens.model.loading import preferred_tokens_per_frame
+
+    (tmp_path / "livelens.json").write_text(json.dumps({"tokens_per_frame": value}))
+    with pytest.raises(ModelLoadError, match="tokens_per_frame"):
+        preferred_tokens_per_frame(tmp_path)
+    (tmp_path / "livelens.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=r"livelens\.json"):
+        preferred_tokens_per_frame(tmp_path)
+    (tmp_path / "livelens.json").unlink()
+    assert preferred_tokens_per_frame(tmp_path) is None

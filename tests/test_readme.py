@@ -14,7 +14,9 @@ links to this interpreter's virtualenv, with these local adaptations:
   libraries (tests/ffmpeg_publisher.py refuses any option it does not map);
 - `docker compose`: no Docker engine here; tests/test_deploy.py parses the compose file against
   the real CLI and runs both services' commands and health checks as local processes;
-- `make test` is what CI runs (.ci/run); `make demo` runs when .venv is the installed one.
+- `make test` is what CI runs (.ci/run); `make demo` runs when .venv is the installed one;
+- the training block writes into the scratch directory and runs 0.2% of its steps
+  (`--scale 0.002 --eval-scenes 0`): the whole run takes most of an hour.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ RUNNERS = {
     "ask-file": "test_quickstarts_against_a_real_server",
     "compose": "test_compose_block",
     "ws-ask": "test_websocket_message_block",
+    "train-tiny": "test_train_block",
 }
 """Block name -> the test here that runs it."""
 
@@ -312,3 +315,22 @@ def _records(url: str, auth: dict[str, str]) -> list[dict]:
 
 def _record(url: str, auth: dict[str, str], session_id: str) -> dict:
     return httpx.get(f"{url}/v1/sessions/{session_id}", headers=auth).json()
+
+
+def test_train_block(tmp_path: Path) -> None:
+    """The retraining command, verbatim but for a few steps, writes a loadable checkpoint."""
+    (line,) = commands(readme_blocks()["train-tiny"])
+    (tmp_path / ".venv").symlink_to(Path(sys.prefix))
+    (tmp_path / "model").mkdir()
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", line + " --scale 0.002 --eval-scenes 0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "model" / "tiny_grounding"
+    assert json.loads((out / "livelens.json").read_text())["tokens_per_frame"] == 24
+    curve = json.loads((tmp_path / "curve.json").read_text())["curve"]
+    assert curve and all(point["loss"] > 0 for point in curve)
