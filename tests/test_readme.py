@@ -133,6 +133,7 @@ def test_setup_block() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "answer:" in done.stdout and "segments:" in done.stdout
+    assert re.search(r"^iou: [01]\.\d\d$", done.stdout, re.M), done.stdout
 
 
 # ------------------------------------------------------------------------- the quickstarts
