@@ -184,7 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--model",
         default=None,
-        help="as for `ask` (default $LIVELENS_MODEL, else {default_model})",
+        help="as for `ask` (default $LIVELENS_MODEL, else {default_model}; with --demo, "
+        "tiny-grounding)",
+    )
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="also publish the session 'demo': a generated scene played in a loop (the model "
+        "defaults to tiny-grounding, trained on such scenes)",
     )
     serve.add_argument(
         "--redis-url",
@@ -432,9 +439,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from livelens.model.loading import TINY_GROUNDING
     from livelens.stream.server import serve
 
-    args.model = args.model or default_model()
+    args.model = args.model or (TINY_GROUNDING if args.demo else default_model())
     return serve(args, number=_number)
 
 

@@ -1,39 +1,56 @@
-"""`make demo`: the tiny grounding model on a scene it never saw.
+"""`make demo` and `livelens serve --demo`: the tiny grounding model on a scene it never saw.
 
-A held-out generated scene (model/scenes.py, a seed above model/training.py's HELD_OUT_SEED, so
-never trained on): a car park where a red ball comes and goes once, partly while a blue box is
-there. `make demo` writes 24 s of it, asks "When is the red ball visible?" through `livelens
-ask`'s own code, and prints the answer's segments, the ground truth and their IoU. The default
-model is `tiny-grounding`; `--model` picks another.
+Both use one held-out generated scene (model/scenes.py, a seed above model/training.py's
+HELD_OUT_SEED, so never trained on): a car park where a red ball comes and goes once, partly
+while a blue box is there. `make demo` writes 24 s of it, asks "When is the red ball visible?"
+through `livelens ask`'s own code, and prints the answer's segments, the ground truth and their
+IoU. `serve --demo` writes 48 s of it and plays it in real time, in a loop, as the session
+`demo`. The default model is `tiny-grounding`; `--model` picks another.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
 
 from livelens.model.loading import TINY_GROUNDING, resolve_checkpoint
 from livelens.model.qa import QuestionMaker
-from livelens.model.scenes import Scene, generate_scene
+from livelens.model.scenes import Interval, Scene, generate_scene
 from livelens.model.scoring import iou
 from livelens.model.training import HELD_OUT_SEED
 from livelens.stream import cli
+from livelens.stream.protocol import PullRequest
 
-# Seed and objects picked so the red ball's one stay (10.0-16.9 s) lies well inside the clip and
-# overlaps a stay of the blue box, so the answer must tell the two apart.
+if TYPE_CHECKING:
+    from livelens.stream.live import LiveSession
+    from livelens.stream.service import LiveService
+
+logger = logging.getLogger(__name__)
+
+# Seed and objects picked so the red ball's one stay lies well inside the clip at both lengths
+# (24 s: 10.0-16.9 s; 48 s: 20.1-33.7 s) and overlaps a stay of the blue box, so the answer must
+# tell the two apart. Same seed, other lengths: the stays scale with the duration.
 DEMO_SEED = HELD_OUT_SEED + 1153
 DEMO_OBJECTS = ("red ball", "blue box")
 TARGET = "red ball"
 ASK_SECONDS = 24.0
+# One pass of the looping scene: as long as the longest clips the model was trained on (48 frames
+# at 1 fps), so questions during the first pass stay within what it learned.
+LOOP_SECONDS = 48.0
+DEMO_SESSION = "demo"
+"""The id of `serve --demo`'s session."""
 VIDEO_NAME = "demo-scene.mp4"
 
 
@@ -47,6 +64,25 @@ def demo_scene(duration: float) -> Scene:
 def demo_question(scene: Scene) -> str:
     """The question, in the exact wording of a model/qa.py template the model was trained on."""
     return QuestionMaker(scene, [0.0]).when(TARGET).question
+
+
+def loop_period(scene: Scene) -> float:
+    """Seconds between passes of a looping scene: the pull source starts each pass one frame
+    after the previous pass's last frame."""
+    return scene.frame_count / scene.fps
+
+
+def looped_truth(scene: Scene, until: float) -> list[Interval]:
+    """The target's visible intervals over every pass of the loop up to media time `until`."""
+    period = loop_period(scene)
+    spans: list[Interval] = []
+    start = 0.0
+    while start <= until:
+        for stay in scene.object(TARGET).visible:
+            if start + stay.start <= until:
+                spans.append(Interval(start + stay.start, min(start + stay.end, until)))
+        start += period
+    return spans
 
 
 def _json_spans(spans: Sequence[tuple[float, float]]) -> str:
@@ -78,6 +114,40 @@ def ask_demo(model: str, *, device: str | None = None) -> int:
     print(f"truth: {_json_spans(truth)} (a perfect answer: {qa.answer})")
     print(f"iou: {iou(predicted, truth):.2f}")
     return 0
+
+
+# ------------------------------------------------------------------------------- serve --demo
+@dataclass(frozen=True)
+class LoopVideo:
+    """The looping scene of `serve --demo`, written to `path`."""
+
+    scene: Scene
+    path: Path
+
+    async def publish(self, service: LiveService) -> LiveSession:
+        """Open the session `demo`: the video played in real time, in a loop."""
+        request = PullRequest(source=str(self.path), realtime=True, loop=True)
+        session = await service.open_pull(request, session_id=DEMO_SESSION)
+        stays = ", ".join(f"{v.start:.1f}-{v.end:.1f} s" for v in self.scene.object(TARGET).visible)
+        logger.info(
+            "session %r: generated scene %d, repeating every %g s; ask %r (the %s is visible "
+            "%s into each pass)",
+            DEMO_SESSION,
+            self.scene.seed,
+            loop_period(self.scene),
+            demo_question(self.scene),
+            TARGET,
+            stays,
+        )
+        return session
+
+
+@contextlib.contextmanager
+def loop_video() -> Iterator[LoopVideo]:
+    """The looping demo scene written to a temporary directory, removed on exit."""
+    scene = demo_scene(LOOP_SECONDS)
+    with tempfile.TemporaryDirectory(prefix="livelens-demo-") as tmp:
+        yield LoopVideo(scene, scene.write(Path(tmp) / VIDEO_NAME))
 
 
 def make_scene(path: Path, *, seconds: int = 12, fps: int = 10, sensor_noise: float = 0.0) -> Path:

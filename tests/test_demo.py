@@ -15,6 +15,7 @@ from service_harness import SteeredRunner
 
 from livelens.model import qa
 from livelens.model.loading import TINY_GROUNDING_DIR
+from livelens.model.scenes import Interval
 from livelens.model.training import HELD_OUT_SEED
 from livelens.stream import demo
 
@@ -38,7 +39,7 @@ def _printed(text: str) -> dict[str, str]:
     return {prefix: line.removeprefix(prefix) for prefix, line in zip(LINES, lines, strict=True)}
 
 
-@pytest.mark.parametrize("duration", [demo.ASK_SECONDS])
+@pytest.mark.parametrize("duration", [demo.ASK_SECONDS, demo.LOOP_SECONDS])
 def test_demo_scene_is_held_out_and_the_ball_comes_and_goes_once(duration: float) -> None:
     scene = demo.demo_scene(duration)
     assert scene.seed >= HELD_OUT_SEED
@@ -51,6 +52,18 @@ def test_demo_scene_is_held_out_and_the_ball_comes_and_goes_once(duration: float
     )
     question = demo.demo_question(scene)
     assert question == "When is the red ball visible?" and question in qa.corpus()
+
+
+def test_looped_truth_repeats_the_stay_every_pass() -> None:
+    scene = demo.demo_scene(demo.LOOP_SECONDS)
+    (stay,) = scene.object("red ball").visible
+    assert demo.loop_period(scene) == 48.0
+    assert demo.looped_truth(scene, 10.0) == []
+    assert demo.looped_truth(scene, 25.0) == [Interval(stay.start, 25.0)]
+    assert demo.looped_truth(scene, 100.0) == [
+        Interval(stay.start, stay.end),
+        Interval(stay.start + 48, stay.end + 48),
+    ]
 
 
 def test_demo_prints_answer_segments_truth_and_iou(
