@@ -142,6 +142,19 @@ def _native_dir(path: Path, cache_dir: Path) -> Path:
     return dst
 
 
+def demo_model() -> str:
+    """The model demos use: `tiny-grounding` when installed, else the random `tiny` (logged)."""
+    if (TINY_GROUNDING_DIR / "config.json").is_file():
+        return TINY_GROUNDING
+    logger.warning(
+        "%s is not in this installation (not trained yet); the demo uses the random-weight "
+        "'%s' model, whose answers are noise",
+        TINY_GROUNDING,
+        TINY,
+    )
+    return TINY
+
+
 def preferred_tokens_per_frame(path: Path) -> int | None:
     """The token budget per frame a checkpoint asks for in its livelens.json, if any."""
     try:

@@ -12,7 +12,7 @@ import contextlib
 import hmac
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
@@ -56,10 +56,13 @@ def create_app(
     *,
     token: str | None = None,
     whip: WhipSettings | None = None,
+    on_start: Callable[[LiveService], Awaitable[object]] | None = None,
 ) -> FastAPI:
     """Build the app around a not-yet-started service; the app's lifespan starts and stops it.
 
-    `token` guards /v1 (and WHIP, through `whip.token`); None = no authentication.
+    `token` guards /v1 (and WHIP, through `whip.token`); None = no authentication. `on_start`
+    runs once the service has started, before the first request (`serve --demo` opens its
+    session there).
     """
     whip_settings = whip or WhipSettings(token=token)
     ingest = WhipIngest(whip_settings)
@@ -74,6 +77,8 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await service.start()
         try:
+            if on_start is not None:
+                await on_start(service)
             yield
         finally:
             await ingest.close_all()

@@ -13,12 +13,17 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from livelens.stream.errors import SourceError
 from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, MIN_TOKENS_PER_FRAME
+
+if TYPE_CHECKING:
+    from livelens.model.session import Answer
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--model",
         default=None,
-        help="as for `ask` (default $LIVELENS_MODEL, else {default_model})",
+        help="as for `ask` (default $LIVELENS_MODEL, else {default_model}; with --demo, "
+        "tiny-grounding when installed, else tiny)",
+    )
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="also publish the session 'demo': a generated scene played in a loop (the model "
+        "defaults to tiny-grounding, trained on such scenes)",
     )
     serve.add_argument(
         "--redis-url",
@@ -277,7 +289,22 @@ def _is_client(args: argparse.Namespace) -> bool:
     return args.command == "ask" or args.command in CLIENT_COMMANDS
 
 
+@dataclass(frozen=True)
+class FileAnswer:
+    """What `livelens ask VIDEO` answered, for callers that score it (`make demo`)."""
+
+    answer: Answer
+    times: list[float]
+    """Media times of the frames the model saw."""
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
+    ask_file(args)
+    return 0
+
+
+def ask_file(args: argparse.Namespace) -> FileAnswer:
+    """`livelens ask VIDEO QUESTION`: stream the answer to stdout, then its segments and stats."""
     # Everything cheap is validated before the model loads, so bad input fails in milliseconds.
     from livelens.model.session import SamplingParams, VideoSession
 
@@ -337,7 +364,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
             }
         )
     )
-    return 0
+    return FileAnswer(answer, list(session.times))
 
 
 def _open_session(args: argparse.Namespace, grid, threshold: float):
@@ -403,25 +430,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if client:
         return _client_main(args)
-    _quiet_libraries(args.verbose)
+    if args.command == "ask":
+        return run_model_command(lambda: cmd_ask(args), verbose=args.verbose)
+    if args.command == "serve":
+        return run_model_command(lambda: cmd_serve(args), verbose=args.verbose)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from livelens.model.loading import demo_model
+    from livelens.stream.server import serve
+
+    args.model = args.model or (demo_model() if args.demo else default_model())
+    return serve(args, number=_number)
+
+
+def run_model_command(command: Callable[[], int], *, verbose: bool = False) -> int:
+    """Run a command that loads the model; bad input ends with one error line and exit 2."""
+    _quiet_libraries(verbose)
     from livelens.model.loading import ModelLoadError
     from livelens.model.session import SessionError
 
     try:
-        if args.command == "ask":
-            return cmd_ask(args)
-        if args.command == "serve":
-            from livelens.stream.server import serve
-
-            args.model = args.model or default_model()
-            return serve(args, number=_number)
+        return command()
     except (UsageError, SourceError, ModelLoadError, SessionError) as exc:
         print(f"livelens: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    parser.error(f"unknown command {args.command}")
-    return 2
 
 
 def _client_main(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -20,6 +21,7 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
     from livelens.model.loading import load_model
     from livelens.model.runner import ModelRunner
     from livelens.stream.app import create_app
+    from livelens.stream.demo import loop_video
     from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, MIN_TOKENS_PER_FRAME
     from livelens.stream.service import LiveService, ServiceConfig
     from livelens.stream.sources.pull import PullConfig
@@ -70,15 +72,20 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         allow_loopback=args.allow_loopback_ice,
         cors_origin=args.cors_origin,
     )
-    app = create_app(LiveService(ModelRunner(loaded), config), token=token, whip=whip)
     if token is None:
         logger.warning("no --token given: anyone who reaches this port can publish and ask")
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        ws="websockets",
-        ws_max_size=WS_MAX_SIZE,
-        log_level=args.log_level,
-    )
+    # The demo's video is written before the server listens and removed after uvicorn has
+    # stopped the service (and with it the source reading the file).
+    with loop_video() if args.demo else contextlib.nullcontext() as demo:
+        service = LiveService(ModelRunner(loaded), config)
+        on_start = demo.publish if demo is not None else None
+        app = create_app(service, token=token, whip=whip, on_start=on_start)
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            ws="websockets",
+            ws_max_size=WS_MAX_SIZE,
+            log_level=args.log_level,
+        )
     return 0

@@ -25,7 +25,12 @@ from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, MIN_TOKENS_PER_FRAME
 from livelens.stream.live import LiveSession, SessionSettings, State, iso
 from livelens.stream.metrics import Metrics
 from livelens.stream.protocol import PullRequest
-from livelens.stream.registry import Registry, SessionRecord
+from livelens.stream.registry import (
+    LIVE_STATES,
+    Registry,
+    SessionRecord,
+    validate_session_id,
+)
 from livelens.stream.sources.file import DecodedFrame
 from livelens.stream.sources.pull import PullConfig, PullSource, SourceEvent
 from livelens.stream.thumbnails import DEFAULT_CAPACITY
@@ -132,9 +137,18 @@ class LiveService:
         *,
         fps: float | None = None,
         prune_threshold: float | None = None,
+        session_id: str | None = None,
     ) -> LiveSession:
-        """Create a live session (on the loop); its source then pushes frames into it."""
+        """Create a live session (on the loop); its source then pushes frames into it.
+
+        session_id: a fixed id chosen by the operator (`serve --demo`), never by a network
+        client; default a random one.
+        """
         assert self.loop is not None and self.registry is not None, "service not started"
+        if session_id is None:
+            session_id = uuid.uuid4().hex
+        elif validate_session_id(session_id) in self.sessions:
+            raise ServiceError(409, "session_exists", f"session {session_id!r} already exists")
         live = sum(s.state < State.ENDED for s in self.sessions.values())
         if live >= self.config.max_sessions:
             raise ServiceError(
@@ -151,7 +165,7 @@ class LiveService:
             thumbnails=self.config.thumbnails,
         )
         session = LiveSession(
-            uuid.uuid4().hex,
+            session_id,
             kind=kind,
             source=source,
             runner=self.runner,
@@ -174,8 +188,16 @@ class LiveService:
         except ServiceError as exc:
             raise RuntimeError(exc.message) from None
 
-    async def open_pull(self, request: PullRequest) -> LiveSession:
-        """Start pulling `request.source` in a thread; errors in the URL are refused here."""
+    async def open_pull(
+        self, request: PullRequest, *, session_id: str | None = None
+    ) -> LiveSession:
+        """Start pulling `request.source` in a thread; errors in the URL are refused here.
+
+        session_id: a fixed id (see open_session), refused while another node holds a live
+        session by that id.
+        """
+        if session_id is not None:
+            await self._check_unclaimed(session_id)
         config = PullConfig(
             reconnect_initial_s=self.config.pull.reconnect_initial_s,
             reconnect_max_s=self.config.pull.reconnect_max_s,
@@ -199,12 +221,28 @@ class LiveService:
         except (SourceError, ValueError) as exc:  # a URL or path we cannot pull
             raise ServiceError(400, "bad_source", str(exc)) from None
         session = self.open_session(
-            "pull", request.source, fps=request.fps, prune_threshold=request.prune_threshold
+            "pull",
+            request.source,
+            fps=request.fps,
+            prune_threshold=request.prune_threshold,
+            session_id=session_id,
         )
         target.append(session)
         self.pulls[session.id] = source
         source.start()
         return session
+
+    async def _check_unclaimed(self, session_id: str) -> None:
+        """ServiceError 409 if another node's live session has this id in the registry."""
+        assert self.registry is not None
+        record = await self.registry.get(validate_session_id(session_id))
+        if record is not None and record.node != self.config.node and record.state in LIVE_STATES:
+            raise ServiceError(
+                409,
+                "session_exists",
+                f"session {session_id!r} is live on node {record.node} (the record of a node "
+                f"that stopped expires {self.registry.ttl_s:g} s after its last heartbeat)",
+            )
 
     def _pull_event(self, session: LiveSession, event: SourceEvent) -> None:
         if event.kind == "failed":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -75,11 +75,15 @@ def fast_config(redis_url: str | None, **changes: Any) -> ServiceConfig:
 
 @contextlib.contextmanager
 def running_app(
-    runner: ModelRunner, config: ServiceConfig, *, token: str | None = None
+    runner: ModelRunner,
+    config: ServiceConfig,
+    *,
+    token: str | None = None,
+    on_start: Callable[[LiveService], Awaitable[object]] | None = None,
 ) -> Iterator[tuple[TestClient, LiveService]]:
     """The app with its lifespan running (model worker, registry, status loop)."""
     service = LiveService(runner, config)
-    app = create_app(service, token=token)
+    app = create_app(service, token=token, on_start=on_start)
     with TestClient(app) as client:
         yield client, service
 

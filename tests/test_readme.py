@@ -8,6 +8,8 @@ links to this interpreter's virtualenv, with these local adaptations:
 - the `serve` block's `livelens serve` line gets `--port <free> --redis-url <the test's Redis>
   --device cpu --allow-loopback-ice` appended, with LIVELENS_MODEL=tiny (no checkpoint here);
 - `localhost:8000` becomes `127.0.0.1:<that port>`;
+- the `serve-demo` block gets the same flags, plus `--model tiny` until the trained
+  model/tiny_grounding/ is committed;
 - `camera.mp4` is a clip generated in the scratch directory;
 - the RTSP camera URL becomes GStreamer's RTSP server serving that clip (tests/media_servers.py);
 - `ffmpeg`: Debian's binary predates the whip muxer, so its arguments run through PyAV's FFmpeg 8
@@ -41,6 +43,7 @@ from media_servers import RtspServer, closed_port
 from service_harness import wait_for
 from videos import make_video
 
+from livelens.model.loading import TINY_GROUNDING_DIR
 from livelens.stream.protocol import AskMessage, parse_client_message
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,9 +51,11 @@ README = ROOT / "README.md"
 MARKER = re.compile(r"<!-- readme: ([a-z0-9-]+) -->\n```(\w+)\n(.*?)```", re.S)
 FENCE = re.compile(r"^```(\w*)$", re.M)
 RTSP_EXAMPLE = "rtsp://user:pass@camera.local:554/stream1"
+TRAINED = (TINY_GROUNDING_DIR / "config.json").is_file()
 RUNNERS = {
     "setup": "test_setup_block",
     "serve": "test_quickstarts_against_a_real_server",
+    "serve-demo": "test_serve_demo_block",
     "rtsp": "test_quickstarts_against_a_real_server",
     "watch": "test_quickstarts_against_a_real_server",
     "publish": "test_quickstarts_against_a_real_server",
@@ -136,6 +141,7 @@ def test_setup_block() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "answer:" in done.stdout and "segments:" in done.stdout
+    assert re.search(r"^iou: [01]\.\d\d$", done.stdout, re.M), done.stdout
 
 
 # ------------------------------------------------------------------------- the quickstarts
@@ -298,6 +304,28 @@ def test_quickstarts_against_a_real_server(scratch, redis_server) -> None:
     stats = next(line for line in done.stdout.splitlines() if line.startswith("stats: "))
     assert json.loads(stats.removeprefix("stats: "))["frames"] == 4  # 4 s of video at 1 fps
     assert "segments: " in done.stdout
+
+
+@pytest.mark.slow
+def test_serve_demo_block(scratch, redis_server) -> None:
+    """The session `demo` is there once the server answers, and takes frames in real time."""
+    cwd, env = scratch
+    (line,) = commands(readme_blocks()["serve-demo"])
+    assert line.startswith(".venv/bin/livelens serve --demo")
+    port = closed_port()
+    local = f" --port {port} --redis-url {redis_server.url} --device cpu"
+    if not TRAINED:
+        local += " --model tiny"
+    server = Shell(cwd, env, port).start("exec " + line + local)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _healthy(url, server), timeout=90, interval=0.2)
+        assert [r["id"] for r in _records(url, {})] == ["demo"]
+        wait_for(lambda: _record(url, {}, "demo")["status"]["frames_in_model"] >= 2, timeout=60)
+        assert "LiveLens" in httpx.get(url + "/").text
+    finally:
+        code, log = _stop(server)
+    assert code == 0, log[-3000:]
 
 
 def _healthy(url: str, server: subprocess.Popen[str]) -> bool:

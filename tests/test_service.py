@@ -19,7 +19,9 @@ from starlette.websockets import WebSocketDisconnect
 from videos import make_video
 
 from livelens.model.runner import ModelRunner
-from livelens.stream.protocol import MAX_MESSAGE_BYTES
+from livelens.stream.protocol import MAX_MESSAGE_BYTES, PullRequest
+from livelens.stream.registry import SessionRecord
+from livelens.stream.service import LiveService, ServiceError
 from livelens.stream.sources.pull import PullConfig
 
 
@@ -79,6 +81,54 @@ def test_pull_file_ask_answer_history(runner, clip, redis_server) -> None:
         assert r.hget(f"livelens:session:{session['id']}", "state") == "ended"
     finally:
         r.close()
+
+
+def test_operator_opens_a_session_with_a_fixed_id(runner, clip, redis_server) -> None:
+    """`serve --demo`'s way in: a pull session opened at start-up under an id the operator
+    chose; taken or malformed ids are refused, and network clients cannot choose one."""
+    request = PullRequest(source=str(clip.path), realtime=True, loop=True)
+
+    async def open_demo(service: LiveService) -> None:
+        await service.open_pull(request, session_id="demo")
+
+    other = SessionRecord("taken", "other-node", "pull", "x.mp4", "live", "2026-01-01T00:00:00Z")
+    r = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        r.hset("livelens:session:taken", mapping=other.to_hash())
+        with running_app(runner, fast_config(redis_server.url), on_start=open_demo) as (
+            client,
+            service,
+        ):
+            record = client.get("/v1/sessions/demo").json()  # there before the first request
+            assert (record["id"], record["kind"], record["source"]) == (
+                "demo",
+                "pull",
+                request.source,
+            )
+            assert "demo" in [s["id"] for s in client.get("/v1/sessions").json()["sessions"]]
+            wait_for(lambda: service.sessions["demo"].status()["frames_in_model"] >= 2)
+            with client.websocket_connect("/v1/sessions/demo/ws") as ws:
+                answer, _ = ask(ws, "q", max_new_tokens=2)
+            assert answer["stream_position"] >= 0.5
+            assert r.hget("livelens:session:demo", "node") == "test-node"
+
+            for session_id, status in (("demo", 409), ("taken", 409)):
+                with pytest.raises(ServiceError) as refused:
+                    client.portal.call(_open_pull, service, request, session_id)
+                assert (refused.value.status, refused.value.code) == (status, "session_exists")
+            assert "other-node" in str(refused.value)
+            with pytest.raises(ValueError, match="invalid session id"):
+                client.portal.call(_open_pull, service, request, "../etc")
+            assert set(service.sessions) == {"demo"}
+
+            chosen = client.post("/v1/sessions", json={"source": request.source, "id": "mine"})
+            assert chosen.status_code == 422 and chosen.json()["error"]["code"] == "invalid_request"
+    finally:
+        r.close()
+
+
+async def _open_pull(service: LiveService, request: PullRequest, session_id: str) -> None:
+    await service.open_pull(request, session_id=session_id)
 
 
 def test_websocket_errors_keep_the_connection_usable(runner, clip, redis_server) -> None:
