@@ -1,6 +1,6 @@
 """Train the tiny grounding model: real VideoLLaMA3 classes, generated scenes, the live prompt.
 
-`python -m livelens.model.training --out DIR` (or `livelens train-tiny`) builds a tokenizer and a
+`python -m livelens.model.training --out DIR` builds a tokenizer and a
 small `VideoLlama3ForConditionalGeneration`, then trains it on clips of generated scenes
 (model/scenes.py) with true questions and answers (model/qa.py). Every example goes through the
 live path's own front end: frames sampled by media time with `FpsSampler`, an H.264 round trip,
@@ -13,8 +13,14 @@ Recipe (docs/benchmarks.md has the learning curve):
 - a curriculum: short clips asked about single moments, then intervals, then clips up to a minute,
   sampled at 0.5, 1 and 2 fps so the model reads the time labels instead of counting frames;
 - per-moment targets ("What is in the scene at 12.0s?", "Is there a red ball at 12.0s?") beside
-  the grounding answers, so each frame's label and content are supervised directly.
+  the grounding answers, so each frame's label and content are supervised directly;
+- auxiliary losses that are not part of the saved model: visual tokens aligned with the words that
+  name their object (WordProbe), and per-frame deep supervision in the LLM (FrameProbe);
+- unit-scale input embeddings and visual features at initialisation (_widen_inputs).
 Deterministic from --seed on a given machine (fixed step counts, seeded data).
+
+Status: within the 60-minute CPU budget the model learns the answer formats and priors but not
+to read the frames, so no checkpoint is committed yet (docs/benchmarks.md, issue 9).
 """
 
 from __future__ import annotations
