@@ -223,13 +223,17 @@ class Scene:
         return path
 
 
+VOCABULARY = tuple(f"{c} {s}" for s in SHAPES for c in COLOURS)
+"""Every object name the generator draws, in a fixed order ("red ball", "blue ball", ...)."""
+VOCABULARY_INDEX = {name: i for i, name in enumerate(VOCABULARY)}
+
+
 def vocabulary() -> list[str]:
-    """Every object name the generator draws, in a fixed order ("red ball", "blue ball", ...)."""
-    return [f"{c} {s}" for s in SHAPES for c in COLOURS]
+    return list(VOCABULARY)
 
 
 def vocabulary_index(obj: SceneObject) -> int:
-    return vocabulary().index(obj.name)
+    return VOCABULARY_INDEX[obj.name]
 
 
 # --------------------------------------------------------------------------- generation

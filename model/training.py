@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -48,7 +48,7 @@ from livelens.model import qa as qa_mod
 from livelens.model.prompt import PromptFormat
 from livelens.model.pruner import DiffFramePruner
 from livelens.model.qa import QA, Kind, QuestionMaker
-from livelens.model.scenes import Scene, generate_scene, vocabulary
+from livelens.model.scenes import VOCABULARY, VOCABULARY_INDEX, Scene, generate_scene
 from livelens.stream.grid import Grid, choose_grid, resize_to_grid
 from livelens.stream.sampler import FpsSampler
 
@@ -179,11 +179,10 @@ def make_clip(seed: int, stage: Stage, config: TrainConfig) -> Clip:
     maker = QuestionMaker(scene, times, offset=offset)
     questions = maker.questions(rng, stage.questions, stage.kinds)
     labels = np.stack([token_labels(scene, offset + t, grid) for t in times])
-    names = vocabulary()
-    present = np.zeros((len(times), len(names)), np.float32)
+    present = np.zeros((len(times), len(VOCABULARY)), np.float32)
     for i, t in enumerate(times):
         for obj in scene.visible_at(offset + t):
-            present[i, names.index(obj.name)] = 1.0
+            present[i, VOCABULARY_INDEX[obj.name]] = 1.0
     threshold = rng.choice(config.thresholds)
     return Clip(frames, times, questions, threshold, grid, labels, present)
 
@@ -194,7 +193,6 @@ def token_labels(scene: Scene, t: float, grid: Grid) -> np.ndarray:
 
     An auxiliary target only: it teaches the vision tower early what the answers will need.
     """
-    names = vocabulary()
     unit = grid.patch_size * grid.merge_size
     rows, cols = grid.height // unit, grid.width // unit
     sx, sy = cols / scene.width, rows / scene.height
@@ -204,7 +202,7 @@ def token_labels(scene: Scene, t: float, grid: Grid) -> np.ndarray:
     for obj, (x0, y0, x1, y1) in scene.boxes(t):
         cover_x = np.clip(np.minimum(c + 1, x1 * sx) - np.maximum(c, x0 * sx), 0, None)
         cover_y = np.clip(np.minimum(r + 1, y1 * sy) - np.maximum(r, y0 * sy), 0, None)
-        labels[cover_x * cover_y >= _TOKEN_COVER] = names.index(obj.name) + 1
+        labels[cover_x * cover_y >= _TOKEN_COVER] = VOCABULARY_INDEX[obj.name] + 1
     return labels.reshape(-1)
 
 
@@ -305,7 +303,7 @@ class WordProbe(torch.nn.Module):
         self.shape_ids = [nothing, *(word(" " + s) for s in SHAPES)]
         self.embeddings = [embeddings]  # a list: not registered, so not saved or counted twice
         self.scale = torch.nn.Parameter(torch.tensor(10.0))
-        names = vocabulary()
+        names = VOCABULARY
         colours, shapes = list(COLOURS), list(SHAPES)
         # label (0 = none, 1 + vocabulary index) -> (colour class, shape class)
         table = [(0, 0)] + [
@@ -336,7 +334,7 @@ class FrameProbe(torch.nn.Module):
     def __init__(self, hidden: int, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.present = torch.nn.Linear(hidden, len(vocabulary()))
+        self.present = torch.nn.Linear(hidden, len(VOCABULARY))
         self.digits = torch.nn.Linear(hidden, 30)
 
     def forward(
@@ -611,7 +609,7 @@ def save(out: Path, tokenizer, model, config: TrainConfig) -> Path:
         model.generation_config.do_sample = False
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        meta = {"tokens_per_frame": config.tokens_per_frame, "train": _jsonable(asdict(config))}
+        meta = {"tokens_per_frame": config.tokens_per_frame, "train": asdict(config)}
         (tmp / LIVELENS_JSON).write_text(json.dumps(meta, indent=1) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -619,14 +617,6 @@ def save(out: Path, tokenizer, model, config: TrainConfig) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -642,12 +632,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     base = TrainConfig(seed=args.seed)
-    stages = tuple(
-        Stage(**{**asdict(s), "steps": max(1, round(s.steps * args.scale))}) for s in base.stages
-    )
-    config = TrainConfig(**{**asdict(base), "stages": stages})
+    stages = tuple(replace(s, steps=max(1, round(s.steps * args.scale))) for s in base.stages)
+    config = replace(base, stages=stages)
     result = train(args.out, config, eval_scenes=args.eval_scenes)
     if args.curve:
         args.curve.write_text(json.dumps(result, indent=1) + "\n")
