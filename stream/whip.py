@@ -573,6 +573,28 @@ class _Peer:
     ended: bool = False
 
 
+def _judge_liveness_by_packets(peer: _Peer) -> None:
+    """Stop ICE consent freshness (RFC 7675) on a connected publication: `_watch` judges it.
+
+    Consent freshness guards a *sender*; a WHIP server only receives (and sends RTCP back).
+    FFmpeg's whip muxer never answers consent checks once it streams, so aioice closed every
+    FFmpeg publication after 6 unanswered checks (~35 s, measured) although media still
+    flowed. Liveness is instead judged on received packets (`disconnect_grace`, 10 s by
+    default), which also bounds how long RTCP can go to a peer that stopped answering.
+    """
+    assert peer.video is not None
+    ice = peer.video.receiver.transport.transport
+    connection = getattr(ice, "_connection", None)
+    task = getattr(connection, "_query_consent_task", None)
+    if task is None:
+        # aiortc/aioice changed their internals: publishers that never answer consent checks
+        # (FFmpeg) will be cut after ~35 s again. tests/test_whip.py's 90 s publish catches it.
+        logger.warning("WHIP session %s: cannot find ICE consent checks to stop", peer.session_id)
+        return
+    task.cancel()
+    connection._query_consent_task = None
+
+
 class WhipIngest:
     """The WHIP publications of one server, by session id; use it from one asyncio loop."""
 
@@ -728,6 +750,7 @@ class WhipIngest:
         logger.debug("WHIP session %s: connection %s", peer.session_id, state)
         if state == "connected":
             peer.connected = True
+            _judge_liveness_by_packets(peer)
         elif state == "failed":
             # A handshake that never completed is a failed start, not a publisher leaving.
             self._spawn(self._end(peer, REASON_FAILED, failed=not peer.connected))

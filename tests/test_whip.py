@@ -12,7 +12,7 @@ import itertools
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -962,6 +962,90 @@ def test_ffmpeg_whip_muxer(server: Server, tmp_path: Path) -> None:
     assert_counted_frames(frames, fps, width, height)
     wait_until(sink.finished.is_set, 10, "finish")
     assert sink.finishes == [(REASON_DELETE, False)]  # the muxer DELETEs on close
+
+
+# Publishers must stay connected for hours. FFmpeg's muxer never answers ICE consent checks
+# once it streams, and aioice gave up after 6 unanswered checks: every FFmpeg publication was
+# cut at ~35 s. This publishes FFmpeg, aiortc and Chromium at once, well past that point.
+LONG_PUBLISH_S = 92
+
+
+def test_publishers_stay_connected_past_consent_expiry(server: Server, tmp_path: Path) -> None:
+    fps, width, height = 10, 320, 240
+    before = set(server.sessions.sinks)
+    ffmpeg = ffmpeg_publisher.start(
+        server.whip,
+        TOKEN,
+        tmp_path,
+        fps=fps,
+        count=fps * LONG_PUBLISH_S,
+        width=width,
+        height=height,
+    )
+    aiortc_result: dict[str, object] = {}
+
+    async def publish_aiortc() -> None:
+        pc, _ = await aiortc_publisher("VP8")
+        try:
+            async with httpx.AsyncClient(timeout=10) as http:
+                r = await http.post(server.whip, content=pc.localDescription.sdp, headers=SDP)
+                assert r.status_code == 201, r.text
+                aiortc_result["session"] = r.headers["x-livelens-session"]
+                await pc.setRemoteDescription(RTCSessionDescription(r.text, "answer"))
+                await asyncio.sleep(LONG_PUBLISH_S)
+                aiortc_result["state"] = pc.connectionState
+                r = await http.delete(f"{server.url}{r.headers['location']}", headers=AUTH)
+                aiortc_result["delete"] = r.status_code
+        finally:
+            await pc.close()
+
+    aiortc_thread = threading.Thread(
+        target=lambda: aiortc_result.setdefault("error", _run_capturing(publish_aiortc))
+    )
+    aiortc_thread.start()
+    sessions = {}
+    try:
+        if chromium_available():
+            y4m = write_y4m(tmp_path / "camera.y4m", frames=30, width=width, height=height, fps=fps)
+            query = f"whip={server.whip}&token={TOKEN}&width={width}&height={height}"
+            with chromium(
+                f"{server.url}/assets/whip_publisher.html?{query}", tmp_path, y4m=y4m
+            ) as page:
+                page.wait_for("whip.status !== 'starting'", timeout=20)
+                assert page.evaluate("whip.status") == "published", page.evaluate("whip.error")
+                sessions["chromium"] = page.evaluate("whip.session")
+                time.sleep(LONG_PUBLISH_S)
+                assert page.evaluate("whip.connection") == "connected"
+                assert page.evaluate("whip.stop()") == 200
+        _, stderr = ffmpeg.communicate(timeout=LONG_PUBLISH_S + 60)
+        assert ffmpeg.returncode == 0, stderr[-3000:]
+    finally:
+        if ffmpeg.poll() is None:
+            ffmpeg.kill()
+            ffmpeg.communicate()
+        aiortc_thread.join(timeout=LONG_PUBLISH_S + 60)
+    assert aiortc_result.get("error") is None, aiortc_result["error"]
+    assert aiortc_result["state"] == "connected" and aiortc_result["delete"] == 200
+    sessions["aiortc"] = aiortc_result["session"]
+    sessions["ffmpeg"] = next(
+        s for s in set(server.sessions.sinks) - before if "Lavf/" in server.sessions.sinks[s].source
+    )
+    for name, session_id in sessions.items():
+        sink = server.sessions.sinks[session_id]
+        wait_until(sink.finished.is_set, 10, f"{name} to finish")
+        # Each ended by its own DELETE, not by the server, after the whole span of video.
+        assert sink.finishes == [(REASON_DELETE, False)], (name, sink.finishes)
+        times = [f.time for f in sink.frames()]
+        assert times[-1] - times[0] >= LONG_PUBLISH_S - 5, (name, times[-1])
+        assert max(b - a for a, b in itertools.pairwise(times)) < 2.0, name
+
+
+def _run_capturing(coroutine: Callable[[], Awaitable[None]]) -> BaseException | None:
+    try:
+        asyncio.run(coroutine())
+    except BaseException as exc:  # reported by the test's thread
+        return exc
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
