@@ -480,8 +480,8 @@ class Publisher:
             return f"the server is unreachable ({describe_connection_error(exc)})"
         if response.status_code == 404:
             return "the server no longer knows the session (restarted?)"
-        if response.status_code == 401:
-            return "the server refuses the token now"
+        if response.status_code in (401, 403):
+            return f"the server refuses the key now ({response.status_code})"
         if not response.is_success:
             logger.info("GET %s: %s", url, response.status_code)
             return None
