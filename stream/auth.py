@@ -19,7 +19,6 @@ import hmac
 import logging
 import re
 import secrets
-import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -196,7 +195,6 @@ class KeyRing:
         self.fixed = list(fixed or [])
         self.path = path
         self._from_file: list[ApiKey] = []
-        self._lock = threading.Lock()
         if path is not None:
             self._from_file = self._read(path)
 
@@ -231,8 +229,7 @@ class KeyRing:
         except KeysFileError as exc:
             logger.error("keys not reloaded, the previous keys stay in force: %s", exc)
             raise
-        with self._lock:
-            self._from_file = keys
+        self._from_file = keys  # one reference swap: a lookup sees the old list or the new
         logger.info("reloaded %d keys from %s", len(keys), self.path)
         return len(keys)
 

@@ -538,6 +538,11 @@ def key_ring(args: argparse.Namespace) -> KeyRing:
     """--token/$LIVELENS_TOKEN as one admin key, plus --keys-file/$LIVELENS_KEYS_FILE."""
     from livelens.stream.auth import KeyRing, KeysFileError
 
+    if args.token:
+        logger.warning(
+            "--token shows in the process list; pass it in $LIVELENS_TOKEN or put keys in "
+            "--keys-file instead"
+        )
     token = args.token or os.environ.get("LIVELENS_TOKEN") or None
     path = args.keys_file or os.environ.get("LIVELENS_KEYS_FILE") or None
     try:

@@ -48,7 +48,7 @@ from livelens.stream.auth import (
     parse_keys_file,
     parse_scopes,
 )
-from livelens.stream.cli import UsageError, build_parser, main, redis_url
+from livelens.stream.cli import UsageError, build_parser, key_ring, main, redis_url
 from livelens.stream.service import LiveService
 
 LIVELENS = shutil.which("livelens", path=str(Path(sys.executable).parent))
@@ -231,6 +231,25 @@ def test_redis_url_from_env_or_file_and_a_warning_for_the_command_line(
         redis_url(_serve_args("--redis-url-file", str(tmp_path / "empty")))
     with pytest.raises(UsageError, match=r"--redis-url-file: .*No such file"):
         redis_url(_serve_args("--redis-url-file", str(tmp_path / "gone")))
+
+
+def test_serve_keys_from_token_and_keys_file_flags_or_env(tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.delenv("LIVELENS_TOKEN", raising=False)
+    monkeypatch.delenv("LIVELENS_KEYS_FILE", raising=False)
+    with caplog.at_level(logging.WARNING, "livelens.stream.cli"):
+        keys = key_ring(_serve_args("--token", TOKEN))
+    assert keys.find(TOKEN).scopes == {Scope.ADMIN}
+    assert "--token shows in the process list" in caplog.text and TOKEN not in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("LIVELENS_TOKEN", TOKEN)
+    with caplog.at_level(logging.WARNING, "livelens.stream.cli"):
+        assert key_ring(_serve_args()).find(TOKEN) is not None
+    assert caplog.text == ""
+    monkeypatch.setenv("LIVELENS_KEYS_FILE", str(write_keys(tmp_path / "keys")))
+    assert key_ring(_serve_args()).find(KEYS["analyst"][1]).name == "analyst"
+    (tmp_path / "bad").write_text("x read sha256:00\n")
+    with pytest.raises(UsageError, match="bad line 1: the key must be given as sha256"):
+        key_ring(_serve_args("--keys-file", str(tmp_path / "bad")))
 
 
 # ------------------------------------------------------------------------- the route table
