@@ -113,7 +113,6 @@ def create_app(
     )
     app.state.service = service
     app.state.ingest = ingest
-    app.state.keys = keys
     app.include_router(whip_router(ingest, service.open_whip, whip_settings))
     whip_cors = {"Access-Control-Allow-Origin": whip_settings.cors_origin}
     app.add_middleware(

@@ -304,7 +304,7 @@ class Tickets:
     requesting tickets in a loop cannot grow memory.
     """
 
-    def __init__(self, ttl_s: float = 30.0, capacity: int = 10_000) -> None:
+    def __init__(self, ttl_s: float = 30, capacity: int = 10_000) -> None:
         self.ttl_s = ttl_s
         self.capacity = capacity
         self._tickets: OrderedDict[str, Ticket] = OrderedDict()

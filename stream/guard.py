@@ -3,8 +3,8 @@
 It matches the request's path against the table's route paths, looks up the scope that route
 and method need, and checks the caller's credentials before the app runs: `Authorization:
 Bearer <key>` everywhere, and on the question websocket also a single-use `?ticket=` (or, for
-old scripts, `?token=<key>`).
-Refusals are JSON errors (HTTP) or an error message and close code 4401/4403 (websocket).
+old scripts, `?token=<key>`). Refusals are JSON errors (HTTP), or an error message and close
+code 4401/4403 (websocket).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ _PRIVATE_PREFIXES = ("/v1/", "/whip")
 class RouteTable:
     """auth.ROUTE_SCOPES compiled: path templates as regular expressions, methods per path."""
 
-    def __init__(self, scopes: Mapping[tuple[str, str], auth.Scope | None]) -> None:
+    def __init__(self, scopes: Mapping[tuple[str, str], auth.Need]) -> None:
         by_path: dict[str, dict[str, auth.Need]] = {}
         for (method, path), scope in scopes.items():
             by_path.setdefault(path, {})[method] = scope
