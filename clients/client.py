@@ -298,7 +298,7 @@ class Thumbnail:
 
 
 # ---------------------------------------------------------------------------------------- client
-def _one_key(token: str | None, key: str | None) -> str | None:
+def one_key(token: str | None, key: str | None) -> str | None:
     """`key=` and the older `token=` name the same credential; refuse two different ones."""
     if token and key and token != key:
         raise ValueError("give key= or token=, not two different credentials")
@@ -321,7 +321,7 @@ class LiveLensClient:
         timeout: float = 10.0,
     ) -> None:
         self.server = server_url(server)
-        token = _one_key(token, key)
+        token = one_key(token, key)
         self.token = token
         self.timeout = timeout
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -556,7 +556,7 @@ class BlockingClient:
         timeout: float = 10.0,
     ) -> None:
         server = server_url(server)  # bad URLs fail here, before a thread exists
-        token = _one_key(token, key)
+        token = one_key(token, key)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="livelens-client", daemon=True

@@ -37,6 +37,7 @@ from livelens.clients.client import (
     LiveLensError,
     ServerError,
     describe_connection_error,
+    one_key,
     send,
     server_url,
     session_path,
@@ -217,6 +218,7 @@ class Publisher:
     """Publishes one video source to a LiveLens server over WHIP, and keeps it published.
 
     `async with Publisher(url, "clip.mp4", loop=True) as pub: ...` or start()/close().
+    `key` (or its older name `token`) needs the publish scope.
     """
 
     def __init__(
@@ -225,6 +227,7 @@ class Publisher:
         source: str,
         *,
         token: str | None = None,
+        key: str | None = None,
         loop: bool = False,
         video_size: str | None = None,
         framerate: float | None = None,
@@ -239,7 +242,7 @@ class Publisher:
     ) -> None:
         self.server = server_url(server)
         self.source = source
-        self.token = token or None
+        self.token = one_key(token, key)
         self.loop = loop
         self.video_size = video_size
         self.framerate = framerate

@@ -9,6 +9,7 @@ a process against a redis-server that requires a password and reads the process'
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -32,6 +33,7 @@ from starlette.websockets import WebSocketDisconnect
 from videos import make_video
 from websockets.sync.client import connect as ws_connect
 
+from livelens.clients import Publisher
 from livelens.clients.client import LiveLensClient, ServerError, websocket_url
 from livelens.model.runner import ModelRunner
 from livelens.stream import redact
@@ -50,6 +52,7 @@ from livelens.stream.auth import (
 )
 from livelens.stream.cli import UsageError, build_parser, key_ring, main, redis_url
 from livelens.stream.service import LiveService
+from livelens.stream.whip import WhipSettings
 
 LIVELENS = shutil.which("livelens", path=str(Path(sys.executable).parent))
 
@@ -456,6 +459,29 @@ def test_python_client_and_cli_explain_a_missing_scope(runner, clip, tmp_path, c
         )
         with pytest.raises(ValueError, match="not two different"):
             LiveLensClient(url, key="a", token="b")
+
+
+def test_a_camera_with_a_publish_key_publishes_and_stops_when_deleted(runner, clip, tmp_path):
+    """A publish-only key is enough for `Publisher`: WHIP, and its own session's record, from
+    which it learns that an admin deleted the session (so it does not publish it again)."""
+    keys = KeyRing(path=write_keys(tmp_path / "keys"))
+    service = LiveService(runner, fast_config(None))
+    whip = WhipSettings(allow_loopback=True)  # loopback ICE: test-only
+    with serve(create_app(service, keys=keys, whip=whip)) as url:
+
+        async def scenario() -> None:
+            camera = KEYS["camera-1"][1]
+            async with (
+                Publisher(url, str(clip.path), key=camera, loop=True, poll_interval=0.2) as pub,
+                LiveLensClient(url, key=KEYS["ops"][1]) as admin,
+            ):
+                assert pub.session_id in service.sessions
+                deleted = await admin.delete(pub.session_id)  # type: ignore[arg-type]
+                assert deleted.reason == "deleted through the API"
+                await asyncio.wait_for(pub.wait(), timeout=10)
+                assert pub.reconnects == 0 and len(await admin.sessions()) == 1
+
+        asyncio.run(scenario())
 
 
 # ------------------------------------------------------ `livelens serve` as a real process
