@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import os
@@ -145,20 +146,12 @@ def test_livelens_key_makes_a_key_and_its_line(capsys, tmp_path, monkeypatch) ->
     assert KeyRing(path=tmp_path / "keys").find(key) == found
     # Moving an existing --token into the file: the key comes from stdin, nothing is printed
     # but the line.
-    monkeypatch.setattr(sys, "stdin", _Stdin(f"{TOKEN}\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{TOKEN}\n"))
     assert main(["key", "ops", "--scopes", "admin", "--stdin"]) == 0
     out, err = capsys.readouterr()
     assert out == f"ops admin sha256:{digest(TOKEN).hex()}\n" and err == ""
     assert main(["key", "x", "--scopes", "root"]) == 2
     assert "unknown scope 'root'" in capsys.readouterr().err
-
-
-class _Stdin:
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def read(self) -> str:
-        return self.text
 
 
 # ---------------------------------------------------------------------------------- tickets
