@@ -20,7 +20,7 @@ import logging
 import re
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -298,16 +298,19 @@ class Ticket:
 
 
 class Tickets:
-    """Single-use websocket tickets: issued for a session, valid `ttl_s`, at most `capacity`.
+    """Single-use websocket tickets: issued for a session, valid `ttl_s`, bounded in number.
 
-    The oldest tickets give way when more are outstanding than `capacity`, so a client
-    requesting tickets in a loop cannot grow memory.
+    A key holds at most `per_key` valid tickets (its oldest gives way), so a client asking in
+    a loop neither grows memory nor pushes out other keys' tickets; `capacity` bounds them all.
     """
 
-    def __init__(self, ttl_s: float = 30, capacity: int = 10_000) -> None:
+    def __init__(self, ttl_s: float = 30, per_key: int = 32, capacity: int = 10_000) -> None:
         self.ttl_s = ttl_s
+        self.per_key = per_key
         self.capacity = capacity
         self._tickets: OrderedDict[str, Ticket] = OrderedDict()
+        # Each key's newest tickets, oldest first; used ones stay listed until pushed out.
+        self._by_key: dict[str | None, deque[str]] = {}
 
     def __len__(self) -> int:
         return len(self._tickets)
@@ -315,10 +318,14 @@ class Tickets:
     def issue(self, session_id: str, key: ApiKey | None) -> str:
         now = time.monotonic()
         self._expire(now)
+        mine = self._by_key.setdefault(key.name if key else None, deque())
+        while len(mine) >= self.per_key:
+            self._tickets.pop(mine.popleft(), None)
         while len(self._tickets) >= self.capacity:
             self._tickets.popitem(last=False)
         ticket = secrets.token_urlsafe(24)
         self._tickets[ticket] = Ticket(session_id, key, now + self.ttl_s)
+        mine.append(ticket)
         return ticket
 
     def redeem(self, ticket: str, session_id: str) -> Ticket:

@@ -42,6 +42,8 @@ from livelens.stream.app import create_app
 from livelens.stream.auth import (
     ROUTE_SCOPES,
     WEBSOCKET,
+    ApiKey,
+    AuthError,
     KeyRing,
     KeysFileError,
     Scope,
@@ -156,24 +158,35 @@ def test_livelens_key_makes_a_key_and_its_line(capsys, tmp_path, monkeypatch) ->
 
 # ---------------------------------------------------------------------------------- tickets
 def test_tickets_are_single_use_short_lived_per_session_and_bounded() -> None:
-    tickets = Tickets(ttl_s=30.0, capacity=3)
+    tickets = Tickets(ttl_s=30.0, per_key=3)
     first = tickets.issue("s1", None)
     assert tickets.redeem(first, "s1").session_id == "s1"
-    with pytest.raises(Exception, match="unknown, used or expired"):
+    with pytest.raises(AuthError, match="unknown, used or expired"):
         tickets.redeem(first, "s1")
     other = tickets.issue("s1", None)
-    with pytest.raises(Exception, match="another session"):
+    with pytest.raises(AuthError, match="another session"):
         tickets.redeem(other, "s2")
-    issued = [tickets.issue("s1", None) for _ in range(10)]
-    assert len(tickets) == 3  # the oldest gave way
-    with pytest.raises(Exception, match="unknown"):
-        tickets.redeem(issued[0], "s1")
-    assert tickets.redeem(issued[-1], "s1")
     short = Tickets(ttl_s=0.01)
     old = short.issue("s1", None)
     time.sleep(0.05)
-    with pytest.raises(Exception, match="expired"):
+    with pytest.raises(AuthError, match="expired"):
         short.redeem(old, "s1")
+
+
+def test_a_key_asking_for_tickets_in_a_loop_pushes_out_only_its_own() -> None:
+    analyst, flooder = (ApiKey(n, digest(n), frozenset({Scope.READ})) for n in ("a", "f"))
+    tickets = Tickets(per_key=3, capacity=100)
+    kept = tickets.issue("s1", analyst)
+    flood = [tickets.issue("s1", flooder) for _ in range(1000)]
+    assert len(tickets) == 4  # the flooder's newest 3, and the analyst's
+    assert tickets.redeem(kept, "s1").key == analyst
+    with pytest.raises(AuthError, match="unknown"):
+        tickets.redeem(flood[-4], "s1")
+    assert tickets.redeem(flood[-1], "s1").key == flooder
+    crowded = Tickets(per_key=50, capacity=10)  # the overall bound holds too
+    for _ in range(30):
+        crowded.issue("s1", analyst)
+    assert len(crowded) == 10
 
 
 # ---------------------------------------------------------------------------- log redaction
