@@ -34,8 +34,8 @@ class ClientUsageError(ValueError):
 
 
 def token(args: argparse.Namespace) -> str | None:
-    """--token, else $LIVELENS_TOKEN, else none."""
-    return args.token or os.environ.get("LIVELENS_TOKEN") or None
+    """--key (or --token), else $LIVELENS_KEY, else $LIVELENS_TOKEN, else none."""
+    return args.token or os.environ.get("LIVELENS_KEY") or os.environ.get("LIVELENS_TOKEN") or None
 
 
 def server(args: argparse.Namespace) -> str:

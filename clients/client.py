@@ -34,10 +34,11 @@ ENDED_STATES = ("ended", "failed")
 # Close codes of the question websocket (stream/app.py), as the HTTP statuses they mirror.
 _CLOSE_CODES = {
     4401: ("unauthorized", 401),
+    4403: ("forbidden_scope", 403),
     4404: ("unknown_session", 404),
     4408: ("too_slow", 408),
 }
-_ERROR_STATUS = {"unauthorized": 401, "unknown_session": 404}
+_ERROR_STATUS = {"unauthorized": 401, "forbidden_scope": 403, "unknown_session": 404}
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -76,10 +77,11 @@ def server_url(url: str) -> str:
     return str(parsed.copy_with(path=parsed.path.rstrip("/") or "")).rstrip("/")
 
 
-def websocket_url(server: str, session_id: str) -> str:
-    """The question websocket's URL of a session (ws:// or wss://)."""
+def websocket_url(server: str, session_id: str, ticket: str | None = None) -> str:
+    """The question websocket's URL of a session (ws:// or wss://), with a ticket if given."""
     scheme, rest = server.split("://", 1)
-    return f"{'wss' if scheme == 'https' else 'ws'}://{rest}{session_path(session_id)}/ws"
+    query = f"?ticket={quote(ticket, safe='')}" if ticket else ""
+    return f"{'wss' if scheme == 'https' else 'ws'}://{rest}{session_path(session_id)}/ws{query}"
 
 
 def session_path(session_id: str) -> str:
@@ -296,22 +298,46 @@ class Thumbnail:
 
 
 # ---------------------------------------------------------------------------------------- client
-class LiveLensClient:
-    """Async client of one LiveLens server; use as `async with LiveLensClient(url) as client`."""
+def one_key(token: str | None, key: str | None) -> str | None:
+    """`key=` and the older `token=` name the same credential; refuse two different ones."""
+    if token and key and token != key:
+        raise ValueError("give key= or token=, not two different credentials")
+    return key or token or None
 
-    def __init__(self, server: str, *, token: str | None = None, timeout: float = 10.0) -> None:
+
+class LiveLensClient:
+    """Async client of one LiveLens server; use as `async with LiveLensClient(url) as client`.
+
+    `key` is an API key (docs/api.md, "Authentication"); `token` is its older name. A key
+    without the scope a call needs raises ServerError 403 `forbidden_scope`.
+    """
+
+    def __init__(
+        self,
+        server: str,
+        *,
+        token: str | None = None,
+        key: str | None = None,
+        timeout: float = 10.0,
+    ) -> None:
         self.server = server_url(server)
-        self.token = token or None
+        token = one_key(token, key)
+        self.token = token
         self.timeout = timeout
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.AsyncClient(base_url=self.server, headers=self._headers, timeout=timeout)
 
     @classmethod
     def blocking(
-        cls, server: str, *, token: str | None = None, timeout: float = 10.0
+        cls,
+        server: str,
+        *,
+        token: str | None = None,
+        key: str | None = None,
+        timeout: float = 10.0,
     ) -> BlockingClient:
         """The same client for synchronous code (scripts, notebooks)."""
-        return BlockingClient(server, token=token, timeout=timeout)
+        return BlockingClient(server, token=token, key=key, timeout=timeout)
 
     async def __aenter__(self) -> LiveLensClient:
         return self
@@ -381,10 +407,19 @@ class LiveLensClient:
         )
         return response.content
 
+    async def ticket(self, session_id: str) -> str:
+        """A single-use credential for the session's websocket, valid 30 s: for handing
+        `websocket_url(server, session_id, ticket)` to a program that cannot set headers."""
+        response = await self._request("POST", f"{session_path(session_id)}/ticket")
+        return str(response.json()["ticket"])
+
     # ----------------------------------------------------------------------------- websocket
     @contextlib.asynccontextmanager
     async def _socket(self, session_id: str) -> AsyncIterator[tuple[ClientConnection, Status]]:
-        """The session's question websocket and the status the server greets with."""
+        """The session's question websocket and the status the server greets with.
+
+        The key goes in the Authorization header, which access logs do not record.
+        """
         url = websocket_url(self.server, session_id)
         try:
             ws = await connect(
@@ -512,8 +547,16 @@ class BlockingClient:
     Works inside Jupyter, whose own loop is already running in the calling thread.
     """
 
-    def __init__(self, server: str, *, token: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        server: str,
+        *,
+        token: str | None = None,
+        key: str | None = None,
+        timeout: float = 10.0,
+    ) -> None:
         server = server_url(server)  # bad URLs fail here, before a thread exists
+        token = one_key(token, key)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="livelens-client", daemon=True
@@ -570,6 +613,9 @@ class BlockingClient:
 
     def thumbnail(self, session_id: str, at: float) -> bytes:
         return self._call(self.client.thumbnail(session_id, at))
+
+    def ticket(self, session_id: str) -> str:
+        return self._call(self.client.ticket(session_id))
 
     def ask(
         self,

@@ -37,6 +37,7 @@ from livelens.clients.client import (
     LiveLensError,
     ServerError,
     describe_connection_error,
+    one_key,
     send,
     server_url,
     session_path,
@@ -217,6 +218,7 @@ class Publisher:
     """Publishes one video source to a LiveLens server over WHIP, and keeps it published.
 
     `async with Publisher(url, "clip.mp4", loop=True) as pub: ...` or start()/close().
+    `key` (or its older name `token`) needs the publish scope.
     """
 
     def __init__(
@@ -225,6 +227,7 @@ class Publisher:
         source: str,
         *,
         token: str | None = None,
+        key: str | None = None,
         loop: bool = False,
         video_size: str | None = None,
         framerate: float | None = None,
@@ -239,7 +242,7 @@ class Publisher:
     ) -> None:
         self.server = server_url(server)
         self.source = source
-        self.token = token or None
+        self.token = one_key(token, key)
         self.loop = loop
         self.video_size = video_size
         self.framerate = framerate
@@ -480,8 +483,8 @@ class Publisher:
             return f"the server is unreachable ({describe_connection_error(exc)})"
         if response.status_code == 404:
             return "the server no longer knows the session (restarted?)"
-        if response.status_code == 401:
-            return "the server refuses the token now"
+        if response.status_code in (401, 403):
+            return f"the server refuses the key now ({response.status_code})"
         if not response.is_success:
             logger.info("GET %s: %s", url, response.status_code)
             return None

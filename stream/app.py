@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import dataclasses
 import logging
 import math
+import signal
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -22,6 +24,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from livelens.clients import CONSOLE_DIR
+from livelens.stream import redact
+from livelens.stream.auth import KeyRing, KeysFileError, Tickets
+from livelens.stream.guard import SCOPE_KEY, AuthGuard
 from livelens.stream.live import LiveSession, Watcher, iso
 from livelens.stream.protocol import (
     AskMessage,
@@ -39,8 +44,8 @@ from livelens.stream.whip import WhipError, WhipIngest, WhipSettings, whip_route
 
 logger = logging.getLogger(__name__)
 
-# Websocket close codes in the private range (4000-4999), mirroring HTTP statuses.
-CLOSE_UNAUTHORIZED = 4401
+# Websocket close codes in the private range (4000-4999), mirroring HTTP statuses
+# (4401 and 4403, refused credentials, are the guard's: stream/guard.py).
 CLOSE_UNKNOWN_SESSION = 4404
 CLOSE_TOO_SLOW = 4408
 
@@ -55,16 +60,23 @@ def create_app(
     service: LiveService,
     *,
     token: str | None = None,
+    keys: KeyRing | None = None,
     whip: WhipSettings | None = None,
     on_start: Callable[[LiveService], Awaitable[object]] | None = None,
 ) -> FastAPI:
     """Build the app around a not-yet-started service; the app's lifespan starts and stops it.
 
-    `token` guards /v1 (and WHIP, through `whip.token`); None = no authentication. `on_start`
-    runs once the service has started, before the first request (`serve --demo` opens its
-    session there).
+    `keys` (scoped API keys, stream/auth.py) guard every route as `auth.ROUTE_SCOPES` says;
+    `token` alone is one admin key, as `--token` always was (also `whip.token` when that is the
+    only one given); neither = no authentication. `on_start` runs once the service has started,
+    before the first request (`serve --demo` opens its session there).
     """
     whip_settings = whip or WhipSettings(token=token)
+    if keys is None:
+        keys = KeyRing.from_token(token or whip_settings.token)
+    # The guard checks WHIP requests too, against the same keys; the router need not.
+    whip_settings = dataclasses.replace(whip_settings, token=None)
+    tickets = Tickets()
     ingest = WhipIngest(whip_settings)
 
     async def end_publication(session_id: str) -> None:
@@ -75,12 +87,16 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        redact.install()  # after uvicorn has configured its loggers
+        reloading = _reload_on_sighup(keys)
         await service.start()
         try:
             if on_start is not None:
                 await on_start(service)
             yield
         finally:
+            if reloading:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             await ingest.close_all()
             await service.stop()
 
@@ -91,33 +107,20 @@ def create_app(
         lifespan=lifespan,
         responses={
             401: {"model": ErrorResponse},
+            403: {"model": ErrorResponse},
             404: {"model": ErrorResponse},
         },
     )
     app.state.service = service
     app.state.ingest = ingest
     app.include_router(whip_router(ingest, service.open_whip, whip_settings))
-
-    def authorized(header: str | None, query: str | None = None) -> bool:
-        if token is None:
-            return True
-        given = query
-        if header and header.lower().startswith("bearer "):
-            given = header[7:].strip()
-        return given is not None and hmac.compare_digest(given.encode(), token.encode())
-
-    @app.middleware("http")
-    async def require_token(request: Request, call_next):  # type: ignore[no-untyped-def]
-        if request.url.path.startswith("/v1/") and not authorized(
-            request.headers.get("authorization")
-        ):
-            return _error(
-                401,
-                "unauthorized",
-                "missing or wrong bearer token",
-                {"WWW-Authenticate": "Bearer"},
-            )
-        return await call_next(request)
+    whip_cors = {"Access-Control-Allow-Origin": whip_settings.cors_origin}
+    app.add_middleware(
+        AuthGuard,
+        keys=keys,
+        tickets=tickets,
+        error_headers=lambda path: whip_cors if path.startswith("/whip") else {},
+    )
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
@@ -270,15 +273,30 @@ def create_app(
             )
         raise ServiceError(410, "session_deleted", f"session {session_id} was deleted")
 
+    # ----------------------------------------------------------------- keys
+    @app.post("/v1/sessions/{session_id}/ticket", tags=["sessions"])
+    async def ticket(session_id: str, request: Request) -> dict[str, Any]:
+        """A single-use credential for this session's websocket (`?ticket=`), valid 30 s."""
+        await _record_or_404(session_id)
+        issued = tickets.issue(session_id, request.scope.get(SCOPE_KEY))
+        return {"ticket": issued, "expires_in": tickets.ttl_s}
+
+    @app.post("/v1/keys/reload", tags=["keys"])
+    async def reload_keys() -> dict[str, Any]:
+        """Read the keys file again; a bad file keeps the keys in force (422, and a log line)."""
+        if keys.path is None:
+            raise ServiceError(409, "no_keys_file", "the server was started without --keys-file")
+        try:
+            count = keys.reload()
+        except KeysFileError as exc:
+            raise ServiceError(422, "invalid_keys_file", f"{exc}; the previous keys stay") from None
+        return {"keys": count}
+
     # ------------------------------------------------------------ websocket
     @app.websocket("/v1/sessions/{session_id}/ws")
     async def questions(websocket: WebSocket, session_id: str) -> None:
+        # The guard (stream/guard.py) has checked the key or ticket before this runs.
         await websocket.accept()
-        if not authorized(
-            websocket.headers.get("authorization"), websocket.query_params.get("token")
-        ):
-            await _refuse(websocket, "unauthorized", "missing or wrong token", CLOSE_UNAUTHORIZED)
-            return
         session = service.get(session_id)
         if session is None:
             await _refuse(
@@ -340,6 +358,20 @@ async def _send_loop(websocket: WebSocket, watcher: Watcher) -> None:
             await websocket.send_json(message)
     except (WebSocketDisconnect, RuntimeError):
         return  # the client went away; the receive side notices too
+
+
+def _reload_on_sighup(keys: KeyRing) -> bool:
+    """SIGHUP reloads the keys file; only in the main thread (uvicorn's), never in tests'
+    in-thread apps. Returns whether the handler was installed."""
+    if keys.path is None or threading.current_thread() is not threading.main_thread():
+        return False
+
+    def reload() -> None:
+        with contextlib.suppress(KeysFileError):  # logged; the old keys stay
+            keys.reload()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+    return True
 
 
 async def _refuse(websocket: WebSocket, code: str, message: str, close_code: int) -> None:

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,6 +25,7 @@ from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, MIN_TOKENS_PER_FRAME
 
 if TYPE_CHECKING:
     from livelens.model.session import Answer
+    from livelens.stream.auth import KeyRing
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHUNK = 8
 DEFAULT_FPS = "1"
 DEFAULT_PRUNE_THRESHOLD = "0.1"
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 # `ask` flags that only make sense for a local file; with --server they are a usage error, so
 # they default to None (the real defaults are filled in by cmd_ask).
 _LOCAL_ASK_FLAGS = {
@@ -83,7 +86,12 @@ def _add_client_options(parser: argparse.ArgumentParser, *, server_required: boo
         help="base URL of a `livelens serve`, e.g. http://gpu-node:8000",
     )
     parser.add_argument(
-        "--token", default=None, help="bearer token of the server (default: $LIVELENS_TOKEN)"
+        "--key",
+        "--token",
+        dest="token",
+        default=None,
+        help="API key (or the server's --token) sent as the bearer token (default: "
+        "$LIVELENS_KEY, else $LIVELENS_TOKEN)",
     )
 
 
@@ -195,9 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--redis-url",
-        default="redis://localhost:6379/0",
+        default=None,
         help="Redis for the session registry and answer history; 'none' = single node, "
-        "in-process only (default redis://localhost:6379/0)",
+        f"in-process only (default $LIVELENS_REDIS_URL, else {DEFAULT_REDIS_URL}). A password "
+        "here shows in the process list: use $LIVELENS_REDIS_URL or --redis-url-file for one",
+    )
+    serve.add_argument(
+        "--redis-url-file",
+        default=None,
+        metavar="FILE",
+        help="read the Redis URL (password included) from FILE instead",
     )
     serve.add_argument("--fps", default="1", help="default frames sampled per media second")
     serve.add_argument(
@@ -213,7 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--token",
         default=None,
-        help="bearer token required for WHIP and /v1 (default: $LIVELENS_TOKEN; none = no auth)",
+        help="one admin API key (default: $LIVELENS_TOKEN); with neither it nor --keys-file, "
+        "anyone may do anything",
+    )
+    serve.add_argument(
+        "--keys-file",
+        default=None,
+        metavar="FILE",
+        help="scoped API keys, lines of 'NAME SCOPES sha256:HEX' (see `livelens key`); SIGHUP "
+        "reads it again (default: $LIVELENS_KEYS_FILE)",
     )
     serve.add_argument("--max-sessions", type=int, default=16, help="live sessions per node")
     serve.add_argument(
@@ -242,6 +265,23 @@ def build_parser() -> argparse.ArgumentParser:
     # Tests on one machine publish over 127.0.0.1, which aioice does not gather by default.
     serve.add_argument("--allow-loopback-ice", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+
+    key = sub.add_parser(
+        "key",
+        help="make an API key: its keys-file line goes to stdout, the key itself to stderr",
+    )
+    key.add_argument("name", help="who or what holds the key (camera-1, analysts, ...)")
+    key.add_argument(
+        "--scopes",
+        default="read",
+        help="comma-separated: publish (WHIP), read (sessions, questions), admin (everything); "
+        "default read",
+    )
+    key.add_argument(
+        "--stdin",
+        action="store_true",
+        help="hash a key read from stdin instead of making one (e.g. to move --token into a file)",
+    )
     return parser
 
 
@@ -430,6 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if client:
         return _client_main(args)
+    if args.command == "key":
+        return cmd_key(args)
     if args.command == "ask":
         return run_model_command(lambda: cmd_ask(args), verbose=args.verbose)
     if args.command == "serve":
@@ -438,10 +480,84 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def cmd_key(args: argparse.Namespace) -> int:
+    """`livelens key NAME --scopes read`: a new random key and its keys-file line."""
+    import secrets
+
+    from livelens.stream.auth import entry, parse_scopes
+
+    given = sys.stdin.read().strip() if args.stdin else None
+    key = given or secrets.token_urlsafe(32)
+    try:
+        if args.stdin and not given:
+            raise ValueError("no key on stdin")
+        line = entry(args.name, parse_scopes(args.scopes), key)
+    except ValueError as exc:
+        print(f"livelens: error: {exc}", file=sys.stderr)
+        return 2
+    print(line)
+    if not args.stdin:
+        print(f"key for {args.name} (shown once; give it to its holder): {key}", file=sys.stderr)
+    return 0
+
+
+def redis_url(args: argparse.Namespace) -> str | None:
+    """The Redis URL: --redis-url-file, --redis-url, $LIVELENS_REDIS_URL, else the default.
+
+    A password in --redis-url is visible to every user of the machine (`ps`), so it gets a
+    warning (which does not repeat the URL); None for 'none' (single node, no Redis).
+    """
+    from urllib.parse import urlsplit
+
+    if args.redis_url is not None and args.redis_url_file is not None:
+        raise UsageError("give --redis-url or --redis-url-file, not both")
+    if args.redis_url_file is not None:
+        try:
+            url = Path(args.redis_url_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--redis-url-file: {exc}") from None
+        if not url:
+            raise UsageError(f"--redis-url-file: {args.redis_url_file} is empty")
+    elif args.redis_url is not None:
+        url = args.redis_url
+        try:
+            password = urlsplit(url).password
+        except ValueError:
+            password = None  # the Redis client reports the malformed URL
+        if password:
+            logger.warning(
+                "the Redis password given with --redis-url shows in the process list; pass the "
+                "URL in $LIVELENS_REDIS_URL or --redis-url-file instead"
+            )
+    else:
+        url = os.environ.get("LIVELENS_REDIS_URL") or DEFAULT_REDIS_URL
+    return None if url.lower() in ("", "none") else url
+
+
+def key_ring(args: argparse.Namespace) -> KeyRing:
+    """--token/$LIVELENS_TOKEN as one admin key, plus --keys-file/$LIVELENS_KEYS_FILE."""
+    from livelens.stream.auth import KeyRing, KeysFileError
+
+    if args.token:
+        logger.warning(
+            "--token shows in the process list; pass it in $LIVELENS_TOKEN or put keys in "
+            "--keys-file instead"
+        )
+    token = args.token or os.environ.get("LIVELENS_TOKEN") or None
+    path = args.keys_file or os.environ.get("LIVELENS_KEYS_FILE") or None
+    try:
+        return KeyRing.from_token(token, Path(path) if path else None)
+    except KeysFileError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from livelens.model.loading import demo_model
     from livelens.stream.server import serve
 
+    # Secrets and key files are checked before the model loads; bad ones fail in milliseconds.
+    args.keys = key_ring(args)
+    args.redis_url = redis_url(args) or "none"
     args.model = args.model or (demo_model() if args.demo else default_model())
     return serve(args, number=_number)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
@@ -50,7 +49,6 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         from livelens.stream.cli import UsageError
 
         raise UsageError(f"--tokens-per-frame must be >= {MIN_TOKENS_PER_FRAME}")
-    token = args.token or os.environ.get("LIVELENS_TOKEN") or None
     redis_url = None if args.redis_url.lower() in ("", "none") else args.redis_url
 
     loaded = load_model(args.model, device=args.device)
@@ -68,18 +66,19 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         pull=PullConfig(give_up_after_s=give_up),
     )
     whip = WhipSettings(
-        token=token,
         allow_loopback=args.allow_loopback_ice,
         cors_origin=args.cors_origin,
     )
-    if token is None:
-        logger.warning("no --token given: anyone who reaches this port can publish and ask")
+    if not args.keys.enabled:
+        logger.warning(
+            "no --token or --keys-file given: anyone who reaches this port can publish and ask"
+        )
     # The demo's video is written before the server listens and removed after uvicorn has
     # stopped the service (and with it the source reading the file).
     with loop_video() if args.demo else contextlib.nullcontext() as demo:
         service = LiveService(ModelRunner(loaded), config)
         on_start = demo.publish if demo is not None else None
-        app = create_app(service, token=token, whip=whip, on_start=on_start)
+        app = create_app(service, keys=args.keys, whip=whip, on_start=on_start)
         uvicorn.run(
             app,
             host=args.host,

@@ -9,7 +9,6 @@ leaves. Audio is never received: audio sections are answered inactive.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import re
 import secrets
@@ -37,6 +36,7 @@ from OpenSSL import SSL
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from livelens.stream.auth import AuthError, KeyRing, Scope, bearer
 from livelens.stream.sources.file import DecodedFrame
 from livelens.stream.sources.webrtc import WebRTCSource
 
@@ -950,14 +950,16 @@ def whip_router(
 
 
 def _authorize(request: Request, token: str | None) -> None:
-    if token is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
-        raise WhipError(401, "unauthorized", "an Authorization: Bearer <token> header is required")
-    # Constant time, so the comparison does not leak how much of a guessed token is right.
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise WhipError(401, "unauthorized", "the bearer token is not valid")
+    """The router's own check of `settings.token` as a publish key (stream/auth.py).
+
+    Inside `livelens serve` the app's guard checks scoped keys first and the token is None.
+    """
+    try:
+        KeyRing.from_token(token).require(
+            bearer(request.headers.get("authorization")), Scope.PUBLISH
+        )
+    except AuthError as exc:
+        raise WhipError(exc.status, exc.code, exc.message) from None
 
 
 async def _read_text(request: Request, limit: int) -> str:

@@ -34,7 +34,7 @@ def _ping(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))  # NOAUTH: up, with a password
     except OSError:
         return False
 
@@ -46,15 +46,19 @@ class RedisServer:
     empty server on the same port, as a restart without persistence would.
     """
 
-    def __init__(self, folder: Path, port: int | None = None) -> None:
+    def __init__(self, folder: Path, port: int | None = None, password: str | None = None) -> None:
         self.folder = folder
         self.port = port if port is not None else free_port()
+        self.password = password
+        """requirepass, set in a config file so it is not on redis-server's own command line."""
         self._process: subprocess.Popen[bytes] | None = None
         self._log = folder / f"redis-{self.port}.log"
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The URL with the password, if the server has one."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     @property
     def running(self) -> bool:
@@ -65,8 +69,15 @@ class RedisServer:
         if self.running:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
+        config: list[str] = []
+        if self.password:
+            conf = self.folder / "redis.conf"
+            conf.write_text(f"requirepass {self.password}\n")
+            conf.chmod(0o600)
+            config = [str(conf)]
         command = [
             REDIS_SERVER,
+            *config,
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from livelens.model.runner import ModelRunner
 from livelens.stream.app import create_app
+from livelens.stream.auth import KeyRing
 from livelens.stream.service import LiveService, ServiceConfig
 
 
@@ -79,11 +80,12 @@ def running_app(
     config: ServiceConfig,
     *,
     token: str | None = None,
+    keys: KeyRing | None = None,
     on_start: Callable[[LiveService], Awaitable[object]] | None = None,
 ) -> Iterator[tuple[TestClient, LiveService]]:
     """The app with its lifespan running (model worker, registry, status loop)."""
     service = LiveService(runner, config)
-    app = create_app(service, token=token, on_start=on_start)
+    app = create_app(service, token=token, keys=keys, on_start=on_start)
     with TestClient(app) as client:
         yield client, service
 

@@ -192,7 +192,9 @@ def test_errors_name_the_cause(tiny_model, clip) -> None:
                 with pytest.raises(ServerError) as refused:
                     await client.sessions()
                 assert (refused.value.status, refused.value.code) == (401, "unauthorized")
-                assert str(refused.value) == "missing or wrong bearer token (401 unauthorized)"
+                assert str(refused.value) == (
+                    "the API key is not valid (unknown or revoked) (401 unauthorized)"
+                )
                 with pytest.raises(ServerError) as refused:
                     await anext(aiter(client.ask("0" * 32, "q?")))
                 assert (refused.value.status, refused.value.code) == (401, "unauthorized")

@@ -237,7 +237,7 @@ def test_errors_are_one_line(tiny_model, clip, tmp_path, capsys) -> None:
         unknown = "f" * 32
         cases = [
             (["sessions", "--server", url, "--token", "wrong"], "401 unauthorized"),
-            (["sessions", "--server", url], "missing or wrong bearer token (401 unauthorized)"),
+            (["sessions", "--server", url], "an API key is required (Authorization: Bearer <key>)"),
             (["ask", "--server", url, "--token", "wrong", sid, "q?"], "(401 unauthorized)"),
             (["watch", "--server", url, "--token", "wrong", sid], "(401 unauthorized)"),
             (["publish", str(clip), "--server", url, "--token", "wrong"], "(401 unauthorized)"),
@@ -282,7 +282,9 @@ def test_console_script_is_one_line_and_never_loads_the_model(server) -> None:
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 2
-    assert done.stderr == "livelens: error: missing or wrong bearer token (401 unauthorized)\n"
+    assert done.stderr == (
+        "livelens: error: the API key is not valid (unknown or revoked) (401 unauthorized)\n"
+    )
 
     probe = (
         "import sys; from livelens.stream.cli import main; code = main(sys.argv[1:]); "

@@ -26,12 +26,15 @@ from videos import make_video
 from y4m import write_y4m
 
 from livelens.stream.app import create_app
+from livelens.stream.auth import KeyRing, entry, parse_scopes
 from livelens.stream.service import LiveService
 from livelens.stream.whip import WhipSettings
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright's Python package")
 
 TOKEN = "console-token"
+VIEWER_KEY = "console-viewer-key"
+"""A key with the read scope only (from a keys file beside the admin TOKEN)."""
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 STEERED = "The person waves from 0.5 to 1.5 seconds."
 QUESTION = "When does the person wave?"
@@ -44,9 +47,12 @@ needs_chromium = pytest.mark.skipif(
 
 
 @pytest.fixture
-def server(tiny_model, redis_server) -> Iterator[tuple[str, LiveService]]:
+def server(tiny_model, redis_server, tmp_path) -> Iterator[tuple[str, LiveService]]:
     service = LiveService(SteeredRunner(tiny_model, STEERED), fast_config(redis_server.url))
-    app = create_app(service, token=TOKEN, whip=WhipSettings(token=TOKEN, allow_loopback=True))
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(entry("viewer", parse_scopes("read"), VIEWER_KEY) + "\n")
+    keys = KeyRing.from_token(TOKEN, keys_file)
+    app = create_app(service, keys=keys, whip=WhipSettings(allow_loopback=True))
     with serve(app) as url:
         yield url, service
 
@@ -96,7 +102,7 @@ def _screenshot(page: Any, tmp_path: Path, name: str, *, publish: bool = False) 
 
 
 def _enter_token(page: Any, token: str) -> None:
-    page.get_by_label("API token").fill(token)
+    page.get_by_label("API key").fill(token)
     page.get_by_role("button", name="Save", exact=True).click()
 
 
@@ -124,6 +130,8 @@ def test_publish_ask_timeline_thumbnails_history(server, browser, redis_server, 
     url, service = server
     expect = sync_api.expect
     context, page, errors = _open(browser, url)
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
     assert page.title() == "LiveLens console"
     _enter_token(page, TOKEN)
 
@@ -140,6 +148,8 @@ def test_publish_ask_timeline_thumbnails_history(server, browser, redis_server, 
         "aria-current", "true"
     )
     expect(page.locator("#ws-state")).to_have_attribute("data-state", "open")
+    # The websocket URL carries a single-use ticket, never the key (access logs keep URLs).
+    assert sockets and all("?ticket=" in u and TOKEN not in u for u in sockets), sockets
     # Status messages fill the stats; wait until the model has seen past the answer's segment.
     page.wait_for_function(
         "() => Number(document.getElementById('stats').dataset.streamPosition) >= 2.0",
@@ -237,9 +247,19 @@ def test_wrong_token_and_unknown_session_are_explained(server, browser, tmp_path
     expect(notice).to_be_visible()
     expect(notice).to_contain_text("401")
     _enter_token(page, "not-the-token")
-    expect(notice).to_contain_text("refused the API token")
-    expect(page.get_by_label("API token")).to_have_attribute("aria-invalid", "true")
+    expect(notice).to_contain_text("refused the API key")
+    expect(page.get_by_label("API key")).to_have_attribute("aria-invalid", "true")
     _screenshot(page, tmp_path, "wrong-token")
+
+    # A read-only key lists sessions but may not pull a source: the scope is named.
+    _enter_token(page, VIEWER_KEY)
+    expect(notice).to_be_hidden()
+    page.get_by_label("Pull a stream (RTSP, HLS, file)").fill("rtsp://camera.invalid/s")
+    page.get_by_role("button", name="Start", exact=True).click()
+    lacks = "this key lacks the admin scope (key 'viewer' has: read)"
+    expect(page.locator("#pull-status")).to_contain_text(f"{lacks} (forbidden_scope)")
+    expect(notice).to_contain_text(f"This API key may not do that: {lacks}")
+    _screenshot(page, tmp_path, "read-only-key")
 
     # The right token clears it; an unknown session in the link is named as unknown.
     _enter_token(page, TOKEN)

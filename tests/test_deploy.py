@@ -359,6 +359,7 @@ def test_compose_passes_the_tokens_through_and_refuses_to_start_without_one() ->
     env = load_compose({"LIVELENS_TOKEN": "t0k", "HF_TOKEN": "hf_abc"})
     assert env["services"]["livelens"]["environment"] == {
         "LIVELENS_TOKEN": "t0k",
+        "LIVELENS_REDIS_URL": "redis://127.0.0.1:6379/0",
         "HF_TOKEN": "hf_abc",
     }
     anonymous = load_compose({"LIVELENS_TOKEN": "t0k"})["services"]["livelens"]["environment"]
@@ -373,12 +374,10 @@ def test_compose_command_is_accepted_by_the_real_cli() -> None:
     args = build_parser().parse_args(app["command"])
     assert args.command == "serve"
     assert (args.host, args.port, args.model) == ("0.0.0.0", 8000, "DAMO-NLP-SG/VideoLLaMA3-2B")
-    assert (args.redis_url, args.prune_threshold, args.max_sessions) == (
-        "redis://127.0.0.1:6379/0",
-        "4",
-        16,
-    )
-    assert args.token is None  # the token travels in the environment, not in `ps` output
+    assert (args.prune_threshold, args.max_sessions) == ("4", 16)
+    # The token and the Redis URL travel in the environment, not in `ps` output.
+    assert args.token is None and args.redis_url is None and args.redis_url_file is None
+    assert app["environment"]["LIVELENS_REDIS_URL"] == "redis://127.0.0.1:6379/0"
     changed = {
         **REQUIRED_ENV,
         "LIVELENS_MODEL": "DAMO-NLP-SG/VideoLLaMA3-7B",
@@ -393,11 +392,27 @@ def test_compose_command_is_accepted_by_the_real_cli() -> None:
         9000,
         "8",
     )
-    assert args.redis_url == "redis://127.0.0.1:6390/0"
+    assert compose["services"]["livelens"]["environment"]["LIVELENS_REDIS_URL"] == (
+        "redis://127.0.0.1:6390/0"
+    )
     assert _probe_url(compose["services"]["livelens"]["healthcheck"]["test"][1:]) == (
         "http://127.0.0.1:9000/healthz"
     )
     assert compose["services"]["redis"]["ports"] == ["127.0.0.1:6390:6379"]
+
+
+def test_no_secret_goes_on_a_compose_command_line() -> None:
+    """Command lines are public on the host (`ps`, /proc/PID/cmdline): credentials and URLs
+    that may carry one (Redis' password) belong in `environment:`."""
+    secrets = {"LIVELENS_TOKEN": "tok-4c1e", "HF_TOKEN": "hf_9b2d"}
+    services = load_compose(secrets)["services"]
+    for name, service in services.items():
+        command = [str(part) for part in service.get("command", [])]
+        assert command, name
+        flagged = {"--token", "--redis-url", "--requirepass"}
+        assert flagged.isdisjoint(command), (name, command)
+        assert not [part for part in command if "://" in part or "@" in part], (name, command)
+        assert not [part for part in command for value in secrets.values() if value in part]
 
 
 def test_livelens_on_the_host_network_reaches_the_published_redis() -> None:
@@ -406,7 +421,7 @@ def test_livelens_on_the_host_network_reaches_the_published_redis() -> None:
     # Host networking: ICE candidates and ephemeral UDP ports are the host's own. `ports:` would
     # be ignored there, and the compose network's `redis` name does not resolve.
     assert app["network_mode"] == "host" and "ports" not in app and "networks" not in app
-    url = urlsplit(build_parser().parse_args(app["command"]).redis_url)
+    url = urlsplit(app["environment"]["LIVELENS_REDIS_URL"])
     published = [p.split(":") for p in redis["ports"]]
     assert published == [["127.0.0.1", str(url.port), "6379"]]  # loopback only, no exposure
     assert url.hostname == "127.0.0.1"

@@ -85,14 +85,20 @@ function clearNotice() {
 }
 
 const TOKEN_MESSAGE =
-  "The server refused the API token (401 unauthorized). Enter the token the server was " +
-  "started with (--token or LIVELENS_TOKEN) in the API token field and press Save.";
+  "The server refused the API key (401 unauthorized). Enter an API key (or the token the " +
+  "server was started with, --token or LIVELENS_TOKEN) in the API key field and press Save.";
 
 function tokenRefused() {
   notify(TOKEN_MESSAGE);
   document.body.dataset.auth = "refused";
   $("token-input").setAttribute("aria-invalid", "true");
   $("token-input").focus();
+}
+
+/** A 403: the key is valid but lacks a scope; the server's message names the scope. */
+function scopeRefused(message) {
+  notify(`This API key may not do that: ${message}. Ask for a key with that scope.`);
+  document.body.dataset.auth = "scope";
 }
 
 class ApiError extends Error {
@@ -130,6 +136,7 @@ async function api(path, { method = "GET", body, headers = {}, raw = false } = {
       // not JSON: keep the generic message
     }
     if (response.status === 401) tokenRefused();
+    if (response.status === 403 && code === "forbidden_scope") scopeRefused(message);
     throw new ApiError(response.status, code, message);
   }
   if (raw) return response;
@@ -311,13 +318,37 @@ function closeSocket() {
   updateAskControls();
 }
 
-function connectSocket(id) {
+/** A single-use websocket ticket (30 s), asked for with the key in a header: the key itself
+ *  never goes into a URL, which access logs would keep. */
+async function socketTicket(id) {
+  const data = await api(`/v1/sessions/${encodeURIComponent(id)}/ticket`, { method: "POST" });
+  return data.ticket;
+}
+
+async function connectSocket(id) {
   const generation = ++state.wsGeneration;
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  const query = state.token ? `?token=${encodeURIComponent(state.token)}` : "";
+  setConnection("connecting", "Connecting…");
+  let ticket;
+  try {
+    ticket = await socketTicket(id);
+  } catch (error) {
+    if (generation !== state.wsGeneration) return;
+    if (error.status === 401 || error.status === 403) {
+      setConnection("closed", error.status === 401 ? "Key refused" : "Key lacks the read scope");
+      return;
+    }
+    if (error.status === 404) {
+      sessionGone(id);
+      return;
+    }
+    scheduleReconnect(id, generation, "");
+    return;
+  }
+  if (generation !== state.wsGeneration) return;
+  const query = `?ticket=${encodeURIComponent(ticket)}`;
   const ws = new WebSocket(`${scheme}://${location.host}/v1/sessions/${encodeURIComponent(id)}/ws${query}`);
   state.ws = ws;
-  setConnection("connecting", "Connecting…");
   ws.onopen = () => {
     if (generation !== state.wsGeneration) return;
     state.reconnectDelay = RECONNECT_MIN_MS;
@@ -342,29 +373,42 @@ function connectSocket(id) {
       failPending("The connection dropped before the answer arrived; it will still appear in the history.");
     }
     if (event.code === 4401) {
-      setConnection("closed", "Token refused");
+      setConnection("closed", "Key refused");
       tokenRefused();
       return;
     }
+    if (event.code === 4403) {
+      setConnection("closed", "Key lacks the read scope");
+      scopeRefused(event.reason || "this key lacks the read scope");
+      return;
+    }
     if (event.code === 4404) {
-      setConnection("closed", "Session gone");
-      notify(
-        `Session ${shortId(id)} is not held by this server any more (4404): it was deleted, ` +
-          "expired, or runs on another node. Its history stays readable.",
-      );
+      sessionGone(id);
       return;
     }
     const why =
       event.code === 4408 ? "The server dropped this console for reading too slowly (4408). " : "";
-    const delay = state.reconnectDelay;
-    state.reconnectDelay = Math.min(delay * 2, RECONNECT_MAX_MS);
-    setConnection("reconnecting", `${why}Reconnecting in ${(delay / 1000).toFixed(1)} s…`);
-    state.reconnectTimer = setTimeout(() => {
-      if (generation !== state.wsGeneration) return;
-      loadHistory(id);
-      connectSocket(id);
-    }, delay);
+    scheduleReconnect(id, generation, why);
   };
+}
+
+function sessionGone(id) {
+  setConnection("closed", "Session gone");
+  notify(
+    `Session ${shortId(id)} is not held by this server any more (4404): it was deleted, ` +
+      "expired, or runs on another node. Its history stays readable.",
+  );
+}
+
+function scheduleReconnect(id, generation, why) {
+  const delay = state.reconnectDelay;
+  state.reconnectDelay = Math.min(delay * 2, RECONNECT_MAX_MS);
+  setConnection("reconnecting", `${why}Reconnecting in ${(delay / 1000).toFixed(1)} s…`);
+  state.reconnectTimer = setTimeout(() => {
+    if (generation !== state.wsGeneration) return;
+    loadHistory(id);
+    connectSocket(id);
+  }, delay);
 }
 
 function send(message) {
@@ -844,7 +888,7 @@ async function publish(kind) {
     await refreshSessions();
     await selectSession(publication.sessionId);
   } catch (error) {
-    const text = error.status === 401 ? "The token was refused." : error.message;
+    const text = error.status === 401 ? "The API key was refused." : error.message;
     await stopPublishing(`Could not publish: ${text}`, "error");
   }
 }
