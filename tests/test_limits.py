@@ -9,6 +9,7 @@ test_limits_serve.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import replace
 from fractions import Fraction
@@ -24,7 +25,7 @@ from videos import make_video
 
 from livelens.model.runner import ModelRunner
 from livelens.stream.app import create_app
-from livelens.stream.guards import RepeatFilter
+from livelens.stream.guards import BodyLimit, RepeatFilter
 from livelens.stream.limits import LimitsConfig
 from livelens.stream.service import LiveService
 from livelens.stream.whip import WhipSettings
@@ -147,43 +148,60 @@ def test_request_bodies_are_limited_on_every_route(runner, redis_server) -> None
         assert client.get("/healthz").status_code == 200
 
 
-def test_whip_offer_limit_is_checked_by_the_middleware(runner, redis_server) -> None:
-    limits = _limits(max_body_bytes=1 << 20)
-    service = LiveService(runner, fast_config(redis_server.url, limits=limits))
-    app = create_app(service, whip=WhipSettings(max_offer_bytes=2048))
-    sent: list[dict] = []
+def _call(app, path: str, chunks: list[bytes | None], headers=()) -> tuple[int, bytes]:
+    """One HTTP request through an ASGI app; a None chunk is a client that stops sending."""
 
-    async def scenario() -> None:
-        messages = [
-            {"type": "http.request", "body": b"v=0\r\n" * 300, "more_body": True},
-            {"type": "http.request", "body": b"v=0\r\n" * 300, "more_body": False},
-        ]
+    async def scenario() -> tuple[int, bytes]:
+        pending = list(chunks)
+        sent: list[dict] = []
 
         async def receive() -> dict:
-            return messages.pop(0)
+            chunk = pending.pop(0)
+            if chunk is None:
+                await asyncio.sleep(3600)  # stalled mid-body
+            return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
 
         async def send(message: dict) -> None:
             sent.append(message)
 
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": "/whip",
-            "raw_path": b"/whip",
-            "query_string": b"",
-            "headers": [(b"content-type", b"application/sdp")],
-            "client": ("127.0.0.1", 1),
-            "server": ("127.0.0.1", 80),
-            "scheme": "http",
-            "http_version": "1.1",
-            "asgi": {"version": "3.0"},
-        }
+        scope = {"type": "http", "method": "POST", "path": path, "headers": list(headers)}
         await app(scope, receive, send)
+        start = next(m for m in sent if m["type"] == "http.response.start")
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return start["status"], body
 
-    asyncio.run(scenario())
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    assert start["status"] == 413 and b"payload_too_large" in body and b"2048" in body
+    return asyncio.run(scenario())
+
+
+def test_body_limit_counts_chunks_and_times_out_stalled_bodies() -> None:
+    """The middleware itself: the app behind it never gets more than the limit of a chunked
+    body (WHIP paths: their smaller one), and a body that stops arriving is answered 408."""
+    seen: list[int] = []
+
+    async def app(scope, receive, send) -> None:  # reads everything, like a JSON route
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RuntimeError("client went away mid-body")
+            size += len(message["body"])
+            more = message["more_body"]
+        seen.append(size)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guarded = BodyLimit(app, max_bytes=4096, timeout_s=0.2, per_prefix=(("/whip", 2048),))
+    chunks = [b"x" * 1000] * 10
+    assert _call(guarded, "/v1/sessions", chunks[:3]) == (200, b"ok")
+    status, body = _call(guarded, "/v1/sessions", chunks)
+    assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
+    status, body = _call(guarded, "/whip/abc", chunks)
+    assert status == 413 and b"2048" in body
+    length = [(b"content-length", b"5000")]
+    assert _call(guarded, "/v1/x", [b"x" * 5000], length)[0] == 413  # refused unread
+    status, body = _call(guarded, "/v1/sessions", [b"x" * 100, None])
+    assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+    assert seen == [3000]  # only the one request under its limit got through
 
 
 # ------------------------------------------------------------------------------------- logging
