@@ -222,7 +222,12 @@ def test_sigterm_drains_then_exits(model_cache, redis_server, tmp_path) -> None:
             while json.loads(ws.recv(timeout=30))["type"] != "token":
                 pass
             served.process.send_signal(signal.SIGTERM)
-            wait_for(lambda: _healthz(url).status_code == 503, timeout=5, interval=0.05)
+
+            def draining() -> bool:
+                response = _healthz(url)
+                return response is not None and response.status_code == 503
+
+            wait_for(draining, timeout=5, interval=0.05)
             refused = httpx.post(f"{url}/v1/sessions", json={"source": "/x.mp4"})
             assert refused.status_code == 503
             assert refused.json()["error"]["code"] == "draining"
