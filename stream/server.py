@@ -152,5 +152,8 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         )
         # After uvicorn's Config, which installs its logging handlers.
         install_repeat_filter(limits.log_repeat_limit, limits.log_repeat_interval_s)
-        DrainingServer(config, service, limits.drain_timeout_s).run()
-    return 0
+        server = DrainingServer(config, service, limits.drain_timeout_s)
+        # As uvicorn.run(): uvicorn re-raises the SIGINT it handled, Ctrl-C is a clean exit.
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run()
+    return 0 if server.started else 3  # 3: uvicorn's status for a failed start-up
