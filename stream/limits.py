@@ -36,8 +36,9 @@ class LimitsConfig:
     """Questions of one session waiting or being answered (`too_many_questions` above)."""
     max_questions_per_connection: int = 8
     """Questions of one websocket waiting or being answered (`too_many_questions` above)."""
-    drain_timeout_s: float = 30.0
-    """On SIGTERM: seconds to let queued questions finish before they are failed."""
+    drain_timeout_s: float = 20.0
+    """On SIGTERM: seconds to let queued questions finish before they are failed; keep it
+    below the orchestrator's grace period (docker-compose.yml: stop_grace_period 30 s)."""
     log_repeat_limit: int = 10
     """Identical warnings (same logger and message template) logged per interval."""
     log_repeat_interval_s: float = 60.0
