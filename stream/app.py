@@ -27,6 +27,7 @@ from livelens.clients import CONSOLE_DIR
 from livelens.stream import redact
 from livelens.stream.auth import KeyRing, KeysFileError, Tickets
 from livelens.stream.guard import SCOPE_KEY, AuthGuard
+from livelens.stream.guards import BodyLimit
 from livelens.stream.live import LiveSession, Watcher, iso
 from livelens.stream.protocol import (
     AskMessage,
@@ -39,8 +40,8 @@ from livelens.stream.protocol import (
     dump,
     parse_client_message,
 )
-from livelens.stream.service import LiveService, ServiceError
-from livelens.stream.whip import WhipError, WhipIngest, WhipSettings, whip_router
+from livelens.stream.service import DRAINING_MESSAGE, LiveService, ServiceError
+from livelens.stream.whip import WhipIngest, WhipSettings, whip_router
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ logger = logging.getLogger(__name__)
 # (4401 and 4403, refused credentials, are the guard's: stream/guard.py).
 CLOSE_UNKNOWN_SESSION = 4404
 CLOSE_TOO_SLOW = 4408
+CLOSE_DRAINING = 4503
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None):
@@ -79,9 +81,8 @@ def create_app(
     tickets = Tickets()
     ingest = WhipIngest(whip_settings)
 
-    async def end_publication(session_id: str) -> None:
-        with contextlib.suppress(WhipError):  # the publisher had already gone
-            await ingest.delete(session_id)
+    async def end_publication(session_id: str, reason: str) -> None:
+        await ingest.end(session_id, reason)  # nothing to do if the publisher had gone
 
     service.closers["whip"] = end_publication
 
@@ -132,6 +133,13 @@ def create_app(
         where = ".".join(str(p) for p in first["loc"][1:]) or "body"
         return _error(422, "invalid_request", f"{where}: {first['msg']}")
 
+    @app.middleware("http")
+    async def refuse_while_draining(request: Request, call_next):  # type: ignore[no-untyped-def]
+        # POST is how new work arrives: pull sessions and WHIP publications.
+        if service.draining and request.method == "POST":
+            return _error(503, "draining", DRAINING_MESSAGE, {"Retry-After": "5"})
+        return await call_next(request)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
@@ -147,16 +155,17 @@ def create_app(
 
     # ---------------------------------------------------------------- REST
     @app.get("/healthz", tags=["service"])
-    async def healthz() -> dict[str, Any]:
-        """Liveness: the model is loaded and the worker thread runs."""
+    async def healthz() -> JSONResponse:
+        """Liveness: the model is loaded and the worker thread runs (503 while draining)."""
         registry = service.registry
-        return {
-            "status": "ok",
+        body = {
+            "status": "draining" if service.draining else "ok",
             "model": service.runner.loaded.name,
             "node": service.config.node,
             "redis": bool(registry and registry.connected),
             "sessions": len(service.sessions),
         }
+        return JSONResponse(body, status_code=503 if service.draining else 200)
 
     @app.get("/metrics", tags=["service"], response_class=Response)
     async def metrics() -> Response:
@@ -200,9 +209,15 @@ def create_app(
         session_id: str, count: int | None = Query(default=None, ge=1, le=10000)
     ) -> dict[str, Any]:
         """Questions and answers of a session, oldest first (from the Redis Stream)."""
-        await _record_or_404(session_id)
         assert service.registry is not None
-        entries = await service.registry.history(session_id, count=count)
+        try:
+            entries = await service.registry.history(session_id, count=count)
+        except ValueError:  # not a well-formed id
+            entries = []
+        # The history outlives the record: a crashed node's live records expire within
+        # seconds, their history only after the retention.
+        if not entries:
+            await _record_or_404(session_id)
         return {"session_id": session_id, "entries": entries}
 
     async def _record_or_404(session_id: str) -> dict[str, Any]:
@@ -297,6 +312,9 @@ def create_app(
     async def questions(websocket: WebSocket, session_id: str) -> None:
         # The guard (stream/guard.py) has checked the key or ticket before this runs.
         await websocket.accept()
+        if service.draining:
+            await _refuse(websocket, "draining", DRAINING_MESSAGE, CLOSE_DRAINING)
+            return
         session = service.get(session_id)
         if session is None:
             await _refuse(
@@ -325,7 +343,11 @@ def create_app(
                         dump(ErrorMessage(id=exc.message_id, code=exc.code, message=exc.message))
                     )
                     continue
-                if isinstance(parsed, AskMessage):
+                if isinstance(parsed, AskMessage) and service.draining:
+                    watcher.send(
+                        dump(ErrorMessage(id=parsed.id, code="draining", message=DRAINING_MESSAGE))
+                    )
+                elif isinstance(parsed, AskMessage):
                     session.ask(watcher, parsed)
                 elif not session.cancel(watcher, parsed.id):
                     watcher.send(
@@ -345,6 +367,14 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
 
+    # Outermost, so no layer below ever holds more of a body than the limit.
+    limits = service.config.limits
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=limits.max_body_bytes,
+        timeout_s=limits.body_timeout_s,
+        per_prefix=(("/whip", whip_settings.max_offer_bytes),),
+    )
     return app
 
 

@@ -262,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="60",
         help="seconds a pull source may stay unreachable before its session fails (default 60)",
     )
+    from livelens.stream import limits
+
+    limits.add_flags(serve)
     # Tests on one machine publish over 127.0.0.1, which aioice does not gather by default.
     serve.add_argument("--allow-loopback-ice", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])

@@ -71,6 +71,10 @@ class SessionSettings:
     min_tokens: int = 1
     thumbnails: int = DEFAULT_CAPACITY
     """JPEG thumbnails of sampled frames kept for the console (a ring: the newest)."""
+    max_questions: int = 32
+    """Questions of the session waiting or being answered; more are refused."""
+    max_questions_per_watcher: int = 8
+    """Questions of one websocket waiting or being answered; more are refused."""
 
 
 class Watcher:
@@ -148,6 +152,8 @@ class LiveSession:
         self.thumbnails = ThumbnailRing(settings.thumbnails)
         self.gaps: list[tuple[float, float]] = []
         """Media-time spans (s) the source was down; times continue across them."""
+        self.history_writes: set[asyncio.Task[object]] = set()
+        """History entries being written (awaited when the server drains)."""
 
     @property
     def session_id(self) -> str:
@@ -249,6 +255,12 @@ class LiveSession:
     # ------------------------------------------------------------ questions
     def ask(self, watcher: Watcher, message: AskMessage) -> None:
         """Queue a question (called on the loop); the answer streams to `watcher` only."""
+        refusal = self._over_question_limit(watcher)
+        if refusal is not None:
+            watcher.send(
+                dump(ErrorMessage(id=message.id, code="too_many_questions", message=refusal))
+            )
+            return
         if message.id in watcher.jobs:
             watcher.send(
                 dump(
@@ -299,6 +311,22 @@ class LiveSession:
         watcher.jobs[message.id] = job
         self.scheduler.submit_question(self.id, job)
 
+    def _over_question_limit(self, watcher: Watcher) -> str | None:
+        """Why one more question of `watcher` is refused, or None if it may queue."""
+        mine = len(watcher.jobs)
+        if mine >= self.settings.max_questions_per_watcher:
+            return (
+                f"this connection has {mine} questions waiting or being answered, its limit; "
+                "wait for an answer or cancel one"
+            )
+        queued = self.scheduler.questions(self.id)
+        if queued >= self.settings.max_questions:
+            return (
+                f"the session has {queued} questions waiting or being answered, its limit; "
+                "try again shortly"
+            )
+        return None
+
     def cancel(self, watcher: Watcher, message_id: str) -> bool:
         job = watcher.jobs.pop(message_id, None)
         if job is None:
@@ -307,8 +335,56 @@ class LiveSession:
         return True
 
     def detach(self, watcher: Watcher) -> None:
-        """A websocket closed. Its questions still finish and land in the history."""
+        """A websocket closed: its questions, queued or being answered, are cancelled (nobody
+        would read the answers, and they would hold up everyone else's)."""
         self.watchers.discard(watcher)
+        for job in watcher.jobs.values():
+            job.cancel()
+        if watcher.jobs:
+            logger.info(
+                "session %s: cancelled %d questions of a closed connection",
+                self.id,
+                len(watcher.jobs),
+            )
+        watcher.jobs.clear()
+
+    def fail_questions(self, code: str, reason: str) -> int:
+        """Cancel every question still waiting or being answered, tell its asker, and record it
+        in the history as unanswered with `code` and `reason`. Returns how many there were."""
+        failed = 0
+        now = time.time()
+        for watcher in list(self.watchers):
+            for message_id, job in list(watcher.jobs.items()):
+                job.cancel()
+                failed += 1
+                watcher.send(dump(ErrorMessage(id=message_id, code=code, message=reason)))
+                waited = time.perf_counter() - job.submitted
+                self._record(
+                    {
+                        "question_id": message_id,
+                        "question": job.question,
+                        "text": "",
+                        "segments": [],
+                        "stream_position": (self.session.stats.last_time or 0.0)
+                        if self.session is not None
+                        else 0.0,
+                        "live_edge": self.live_edge,
+                        "lag": None,
+                        "latency_ms": {"queue": waited * 1e3, "ttft": 0.0, "total": waited * 1e3},
+                        "asked_at": iso(now - waited),
+                        "answered_at": iso(now),
+                        "error": {"code": code, "message": reason},
+                    }
+                )
+            watcher.jobs.clear()
+        return failed
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        """Write a history entry in the background (on the loop)."""
+        task = self.loop.create_task(self._on_history(self.id, entry))
+        self.history_writes.add(task)
+        task.add_done_callback(self.history_writes.discard)
+        task.add_done_callback(_log_failure)
 
     def _answered(
         self,
@@ -319,6 +395,8 @@ class LiveSession:
         asked: float,
         live_edge: float | None,
     ) -> None:
+        if job.cancelled.is_set() and watcher.jobs.get(message.id) is not job:
+            return  # cancelled (or failed by a drain) while its last token was computed
         watcher.jobs.pop(message.id, None)
         now = time.time()
         wall_zero = self.wall_zero or self.created
@@ -354,8 +432,7 @@ class LiveSession:
         entry = {"question_id": message.id} | {
             k: v for k, v in body.items() if k not in ("type", "id")
         }
-        task = self.loop.create_task(self._on_history(self.id, entry))
-        task.add_done_callback(_log_failure)
+        self._record(entry)
 
     def _question_failed(self, watcher: Watcher, message: AskMessage, exc: Exception) -> None:
         watcher.jobs.pop(message.id, None)

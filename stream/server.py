@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import Callable
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+
+if TYPE_CHECKING:
+    from livelens.stream.service import LiveService
 
 logger = logging.getLogger(__name__)
 
@@ -14,14 +23,52 @@ logger = logging.getLogger(__name__)
 WS_MAX_SIZE = 1 << 20
 
 
-def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
-    import uvicorn
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, which on SIGTERM first drains the service (no new sessions or
+    questions; queued questions finish or fail within the drain timeout), then shuts down.
 
+    SIGINT, or a second SIGTERM, stops at once as before.
+    """
+
+    def __init__(self, config: uvicorn.Config, service: LiveService, drain_timeout_s: float):
+        super().__init__(config)
+        self.service = service
+        self.drain_timeout_s = drain_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig != signal.SIGTERM or self.should_exit or not self.started or self._loop is None:
+            super().handle_exit(sig, frame)
+        elif self._drain is None:
+            self._loop.call_soon_threadsafe(self._start_drain)
+        else:
+            super().handle_exit(sig, frame)  # a second SIGTERM while draining: stop now
+
+    def _start_drain(self) -> None:
+        logger.warning("SIGTERM: draining (at most %g s), then exiting", self.drain_timeout_s)
+        self._drain = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self.service.drain(self.drain_timeout_s)
+        except Exception:
+            logger.exception("draining failed; shutting down anyway")
+        self.should_exit = True
+
+
+def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
     from livelens.model.loading import load_model
     from livelens.model.runner import ModelRunner
+    from livelens.stream import limits as limit_flags
     from livelens.stream.app import create_app
     from livelens.stream.demo import loop_video
     from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, MIN_TOKENS_PER_FRAME
+    from livelens.stream.guards import guarded_protocol, install_repeat_filter
     from livelens.stream.service import LiveService, ServiceConfig
     from livelens.stream.sources.pull import PullConfig
     from livelens.stream.whip import WhipSettings
@@ -49,6 +96,17 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         from livelens.stream.cli import UsageError
 
         raise UsageError(f"--tokens-per-frame must be >= {MIN_TOKENS_PER_FRAME}")
+    try:
+        limits = limit_flags.from_args(args)
+        if limits.max_held_sessions < args.max_sessions:
+            raise ValueError(
+                f"--max-held-sessions ({limits.max_held_sessions}) must be >= --max-sessions "
+                f"({args.max_sessions})"
+            )
+    except ValueError as exc:
+        from livelens.stream.cli import UsageError
+
+        raise UsageError(str(exc)) from None
     redis_url = None if args.redis_url.lower() in ("", "none") else args.redis_url
 
     loaded = load_model(args.model, device=args.device)
@@ -64,6 +122,7 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         status_interval_s=interval,
         redis_url=redis_url,
         pull=PullConfig(give_up_after_s=give_up),
+        limits=limits,
     )
     whip = WhipSettings(
         allow_loopback=args.allow_loopback_ice,
@@ -79,12 +138,21 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         service = LiveService(ModelRunner(loaded), config)
         on_start = demo.publish if demo is not None else None
         app = create_app(service, keys=args.keys, whip=whip, on_start=on_start)
-        uvicorn.run(
+        config = uvicorn.Config(
             app,
             host=args.host,
             port=args.port,
+            http=guarded_protocol(limits.header_timeout_s),
             ws="websockets",
             ws_max_size=WS_MAX_SIZE,
             log_level=args.log_level,
+            timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]
+            limit_concurrency=limits.max_connections,
         )
-    return 0
+        # After uvicorn's Config, which installs its logging handlers.
+        install_repeat_filter(limits.log_repeat_limit, limits.log_repeat_interval_s)
+        server = DrainingServer(config, service, limits.drain_timeout_s)
+        # As uvicorn.run(): uvicorn re-raises the SIGINT it handled, Ctrl-C is a clean exit.
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run()
+    return 0 if server.started else 3  # 3: uvicorn's status for a failed start-up

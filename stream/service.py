@@ -22,6 +22,7 @@ from livelens.model.runner import ModelRunner
 from livelens.model.scheduler import Scheduler
 from livelens.stream.errors import SourceError
 from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, MIN_TOKENS_PER_FRAME
+from livelens.stream.limits import LimitsConfig
 from livelens.stream.live import LiveSession, SessionSettings, State, iso
 from livelens.stream.metrics import Metrics
 from livelens.stream.protocol import PullRequest
@@ -36,6 +37,8 @@ from livelens.stream.sources.pull import PullConfig, PullSource, SourceEvent
 from livelens.stream.thumbnails import DEFAULT_CAPACITY
 
 logger = logging.getLogger(__name__)
+
+DRAINING_MESSAGE = "the server is shutting down and admits no new work; try another node"
 
 
 def default_node() -> str:
@@ -62,15 +65,20 @@ class ServiceConfig:
     redis_retry_s: float = 2.0
     """Seconds between reconnection attempts while Redis is unreachable."""
     node: str = field(default_factory=default_node)
-    ended_retention_s: float = 600.0
-    """How long an ended session keeps its KV cache for late questions."""
     pull: PullConfig = field(default_factory=PullConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    """Sessions held, questions queued, retention of ended sessions (and the HTTP limits)."""
 
     def __post_init__(self) -> None:
         # Refused here rather than as an "unsupported frame size" ending every session.
         if self.tokens_per_frame < MIN_TOKENS_PER_FRAME:
             raise ValueError(
                 f"tokens_per_frame must be >= {MIN_TOKENS_PER_FRAME}, got {self.tokens_per_frame}"
+            )
+        if self.limits.max_held_sessions < self.max_sessions:
+            raise ValueError(
+                f"limits.max_held_sessions ({self.limits.max_held_sessions}) must be >= "
+                f"max_sessions ({self.max_sessions})"
             )
 
 
@@ -96,8 +104,10 @@ class LiveService:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.started = time.time()
         self._status_task: asyncio.Task[None] | None = None
-        self.closers: dict[str, Callable[[str], Awaitable[object]]] = {}
-        """By session kind: how to stop a push source, e.g. {"whip": ingest.delete}."""
+        self.closers: dict[str, Callable[[str, str], Awaitable[object]]] = {}
+        """By session kind: how to stop a push source, closer(session_id, reason)."""
+        self.draining = False
+        """Set by drain(): no new sessions or questions are admitted."""
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -111,6 +121,28 @@ class LiveService:
         )
         self.scheduler.start()
         self._status_task = asyncio.create_task(self._status_loop(), name="livelens-status")
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop admitting sessions and questions, let queued questions finish for up to
+        timeout_s, then fail the rest; every question ends in the history either way."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        logger.info("draining: %d questions to finish in %g s", self._questions(), timeout_s)
+        while self._questions() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        failed = sum(
+            session.fail_questions("draining", "the server shut down before answering")
+            for session in self.sessions.values()
+        )
+        if failed:
+            logger.warning("draining: %d questions failed unanswered", failed)
+        writes = [t for s in self.sessions.values() for t in s.history_writes]
+        await asyncio.gather(*writes, return_exceptions=True)
+
+    def _questions(self) -> int:
+        """Questions waiting or being answered on this node."""
+        return sum(len(w.jobs) for s in self.sessions.values() for w in s.watchers)
 
     async def stop(self) -> None:
         if self._status_task is not None:
@@ -149,6 +181,8 @@ class LiveService:
             session_id = uuid.uuid4().hex
         elif validate_session_id(session_id) in self.sessions:
             raise ServiceError(409, "session_exists", f"session {session_id!r} already exists")
+        if self.draining:
+            raise ServiceError(503, "draining", DRAINING_MESSAGE)
         live = sum(s.state < State.ENDED for s in self.sessions.values())
         if live >= self.config.max_sessions:
             raise ServiceError(
@@ -156,6 +190,8 @@ class LiveService:
                 "too_many_sessions",
                 f"this node holds {live} live sessions, its limit; try again later",
             )
+        self._make_room()
+        limits = self.config.limits
         settings = SessionSettings(
             fps=fps or self.config.fps,
             prune_threshold=(
@@ -163,6 +199,8 @@ class LiveService:
             ),
             tokens_per_frame=self.config.tokens_per_frame,
             thumbnails=self.config.thumbnails,
+            max_questions=limits.max_questions_per_session,
+            max_questions_per_watcher=limits.max_questions_per_connection,
         )
         session = LiveSession(
             session_id,
@@ -187,6 +225,25 @@ class LiveService:
             return self.open_session("whip", source)
         except ServiceError as exc:
             raise RuntimeError(exc.message) from None
+
+    def _make_room(self) -> None:
+        """Free the oldest ended sessions while the node holds max_held_sessions or more."""
+        excess = len(self.sessions) - self.config.limits.max_held_sessions + 1
+        if excess <= 0:
+            return
+        ended = sorted(
+            (s for s in self.sessions.values() if s.ended_at is not None),
+            key=lambda s: s.ended_at or 0.0,
+        )
+        for session in ended[:excess]:
+            self._forget(session, "the node holds too many sessions")
+
+    def _forget(self, session: LiveSession, why: str) -> None:
+        """Drop an ended session from memory (KV cache, thumbnails); Redis keeps its record and
+        history. Its source was stopped when it ended (_stop_source)."""
+        logger.info("session %s freed: %s", session.id, why)
+        self.sessions.pop(session.id, None)
+        session.release_model()
 
     async def open_pull(
         self, request: PullRequest, *, session_id: str | None = None
@@ -264,18 +321,27 @@ class LiveService:
         if session is None:
             return False
         # Finished first, so the record says why, not what stopping the source reports.
-        session.finish("deleted through the API")
-        source = self.pulls.pop(session_id, None)
-        if source is not None:
-            await asyncio.to_thread(source.stop)
-        closer = self.closers.get(session.kind)
-        if closer is not None:
-            await closer(session_id)
+        reason = "deleted through the API"
+        session.finish(reason)
+        await self._stop_source(session, reason)
         session.release_model()
         await asyncio.sleep(0)
         await self._sync_record(session)
         self.sessions.pop(session_id, None)
         return True
+
+    async def _stop_source(self, session: LiveSession, reason: str) -> None:
+        """Stop what feeds a session: its pull thread, or its push source (a WHIP peer).
+
+        Called whenever a session reaches a final state, whoever ended it: a session that
+        fails on the server's side must not leave its publisher's connection open.
+        """
+        source = self.pulls.pop(session.id, None)
+        if source is not None:
+            await asyncio.to_thread(source.stop)
+        closer = self.closers.get(session.kind)
+        if closer is not None:
+            await closer(session.id, reason)
 
     async def record(self, session_id: str) -> dict[str, Any] | None:
         session = self.sessions.get(session_id)
@@ -309,6 +375,8 @@ class LiveService:
 
     def _state_changed(self, session: LiveSession) -> None:
         self._spawn(self._sync_record(session))
+        if session.state >= State.ENDED:
+            self._spawn(self._stop_source(session, session.reason or "session ended"))
 
     async def _sync_record(self, session: LiveSession) -> None:
         assert self.registry is not None
@@ -346,11 +414,9 @@ class LiveService:
                 await self.registry.update(session.id, stats=_stats(session, status))
             elif (
                 session.ended_at is not None
-                and session.session is not None
-                and now - session.ended_at > self.config.ended_retention_s
+                and now - session.ended_at > self.config.limits.ended_retention_s
             ):
-                logger.info("session %s: releasing its KV cache (ended long ago)", session.id)
-                session.release_model()
+                self._forget(session, "its retention after the end ran out")
         for state, n in counts.items():
             self.metrics.sessions.labels(state).set(n)
         self.metrics.kv_bytes.set(kv)

@@ -699,6 +699,13 @@ class WhipIngest:
         """The publisher ended the publication (HTTP DELETE)."""
         await self._end(self._peer(session_id), REASON_DELETE, failed=False)
 
+    async def end(self, session_id: str, reason: str) -> None:
+        """The server ended the publication's session (it failed, or was deleted): close the
+        peer connection too, so a dead session holds no publisher. No-op if already gone."""
+        peer = self._peers.get(session_id)
+        if peer is not None:
+            await self._end(peer, reason, failed=False)
+
     async def close_all(self) -> None:
         """End every publication (server shutdown)."""
         await asyncio.gather(*(self._end(p, REASON_SHUTDOWN) for p in list(self._peers.values())))

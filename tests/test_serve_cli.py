@@ -67,11 +67,15 @@ def test_serve_refuses_bad_flags_in_one_line(capsys) -> None:
         ["--port", "70000"],
         ["--prune-threshold", "x"],
         ["--tokens-per-frame", "15"],
+        ["--max-body-bytes", "10"],
+        ["--header-timeout", "0"],
+        ["--max-held-sessions", "4"],  # under --max-sessions 16
     )
     for argv in bad:
         assert main(["serve", "--model", "tiny", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("livelens: error:") and err.count("\n") == 1, err
+        assert argv[0] in err, err  # the message names the flag, not a config field
 
 
 def test_service_config_refuses_a_budget_under_the_minimum() -> None:
