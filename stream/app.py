@@ -26,8 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from livelens.clients import CONSOLE_DIR
 from livelens.stream import redact
 from livelens.stream.auth import KeyRing, KeysFileError, Tickets
-from livelens.stream.guard import SCOPE_KEY, AuthGuard
-from livelens.stream.guards import BodyLimit
+from livelens.stream.auth_guard import SCOPE_KEY, AuthGuard
+from livelens.stream.http_limits import BodyLimit
 from livelens.stream.live import LiveSession, Watcher, iso
 from livelens.stream.protocol import (
     AskMessage,
@@ -46,7 +46,7 @@ from livelens.stream.whip import WhipIngest, WhipSettings, whip_router
 logger = logging.getLogger(__name__)
 
 # Websocket close codes in the private range (4000-4999), mirroring HTTP statuses
-# (4401 and 4403, refused credentials, are the guard's: stream/guard.py).
+# (4401 and 4403, refused credentials, are the guard's: stream/auth_guard.py).
 CLOSE_UNKNOWN_SESSION = 4404
 CLOSE_TOO_SLOW = 4408
 CLOSE_DRAINING = 4503
@@ -310,7 +310,7 @@ def create_app(
     # ------------------------------------------------------------ websocket
     @app.websocket("/v1/sessions/{session_id}/ws")
     async def questions(websocket: WebSocket, session_id: str) -> None:
-        # The guard (stream/guard.py) has checked the key or ticket before this runs.
+        # The guard (stream/auth_guard.py) has checked the key or ticket before this runs.
         await websocket.accept()
         if service.draining:
             await _refuse(websocket, "draining", DRAINING_MESSAGE, CLOSE_DRAINING)

@@ -78,7 +78,7 @@ ROUTE_SCOPES: Final[dict[tuple[str, str], Need]] = {
 }
 """(method, route path) -> the scope a caller needs; OPEN for none. Every route of the app is
 here (tests/test_auth.py checks); under /v1/ and /whip a path missing from it needs ADMIN, so a
-forgotten route stays shut (stream/guard.py)."""
+forgotten route stays shut (stream/auth_guard.py)."""
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")

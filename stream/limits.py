@@ -1,7 +1,7 @@
 """Bounds on what one node holds and how long it waits: the `LimitsConfig` and its flags.
 
 `livelens serve` fills one LimitsConfig from its flags (`add_flags` / `from_args`); the
-mechanisms that enforce the HTTP-facing limits are in stream/guards.py, the session and
+mechanisms that enforce the HTTP-facing limits are in stream/http_limits.py, the session and
 question limits in stream/service.py and stream/live.py. docs/deploy.md ("Limits") lists every
 limit with its flag, default and the error a client sees.
 """

@@ -68,7 +68,7 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
     from livelens.stream.app import create_app
     from livelens.stream.demo import loop_video
     from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, MIN_TOKENS_PER_FRAME
-    from livelens.stream.guards import guarded_protocol, install_repeat_filter
+    from livelens.stream.http_limits import guarded_protocol, install_repeat_filter
     from livelens.stream.service import LiveService, ServiceConfig
     from livelens.stream.sources.pull import PullConfig
     from livelens.stream.whip import WhipSettings

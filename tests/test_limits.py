@@ -25,7 +25,7 @@ from videos import make_video
 
 from livelens.model.runner import ModelRunner
 from livelens.stream.app import create_app
-from livelens.stream.guards import BodyLimit, RepeatFilter
+from livelens.stream.http_limits import BodyLimit, RepeatFilter
 from livelens.stream.limits import LimitsConfig
 from livelens.stream.service import LiveService
 from livelens.stream.whip import WhipSettings
