@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from livelens.model.runner import ModelRunner
-from livelens.model.scheduler import FrameCallbacks, QuestionJob, Scheduler
 from livelens.model.session import Answer, SamplingParams, SessionError, VideoSession
+from livelens.model.worker import FrameCallbacks, QuestionJob, Scheduler
 
 HEIGHT, WIDTH = 56, 56
 GREEDY = SamplingParams(max_new_tokens=6)
