@@ -1,0 +1,387 @@
+"""The engine's step scheduler, with no model and no tensors: exact plans, step by step.
+
+Blocks hold 4 tokens; the pool hands out block ids in order, so every plan is predictable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from livelens.model.kv import BlockCopy, BlockPool, BlockWrite, KVCacheManager, Placement
+from livelens.model.scheduler import (
+    FinishReason,
+    FullReason,
+    Refusal,
+    Refused,
+    RequestStatus,
+    Scheduler,
+    SchedulerConfig,
+    SessionFull,
+    SessionState,
+    StepOutput,
+    StepPlan,
+)
+from livelens.model.session import SamplingParams
+
+CONFIG = SchedulerConfig(
+    max_tokens_per_step=64,
+    max_frames_per_step=4,
+    max_concurrent_decodes=4,
+    max_model_len=64,
+    answer_reserve_tokens=8,
+    session_min_tokens=8,
+)
+STOP = 0
+
+
+def _scheduler(blocks: int = 64, **changes: int) -> Scheduler:
+    config = dataclasses.replace(CONFIG, **changes)
+    return Scheduler(KVCacheManager(BlockPool(blocks, block_size=4)), config)
+
+
+def _frames(plan: StepPlan) -> dict[str, list[int]]:
+    return {f.session_id: [frame.index for frame in f.frames] for f in plan.frames}
+
+
+def _step(s: Scheduler, **sampled: int) -> StepPlan:
+    """Finish the step in flight (with these sampled tokens) and plan the next one."""
+    return s.schedule() if s._in_flight is None else _next(s, sampled)
+
+
+def _next(s: Scheduler, sampled: dict[str, int]) -> StepPlan:
+    assert s._in_flight is not None
+    s.update(StepOutput(s._in_flight.step, sampled))
+    return s.schedule()
+
+
+def _ask(s: Scheduler, rid: str, session: str, prompt: int, new: int):
+    return s.add_request(
+        rid, session, list(range(100, 100 + prompt)), SamplingParams(max_new_tokens=new), {STOP}
+    )
+
+
+# ------------------------------------------------------------------------------- fairness
+def test_frames_round_robin_one_per_session_per_pass_starting_one_later_each_step() -> None:
+    s = _scheduler()
+    for sid in "abc":
+        s.add_session(sid)
+        for t in range(3):
+            s.add_frame(sid, float(t), tokens=1)
+    first = _step(s)
+    assert _frames(first) == {"a": [0, 1], "b": [0], "c": [0]}
+    assert [f.placement for f in first.frames] == [
+        Placement(0, 2, (BlockWrite(0, 0, 2),), None, (0,)),
+        Placement(0, 1, (BlockWrite(1, 0, 1),), None, (1,)),
+        Placement(0, 1, (BlockWrite(2, 0, 1),), None, (2,)),
+    ]
+    assert _frames(_step(s)) == {"b": [1, 2], "c": [1], "a": [2]}
+    assert _frames(_step(s)) == {"c": [2]}
+    assert _step(s).empty
+
+
+def test_the_session_served_first_rotates_so_the_extra_frame_alternates() -> None:
+    s = _scheduler(max_frames_per_step=3)
+    for sid in "ab":
+        s.add_session(sid)
+        for t in range(4):
+            s.add_frame(sid, float(t), tokens=1)
+    plans = [_step(s) for _ in range(3)]
+    assert [[(f.session_id, [x.index for x in f.frames]) for f in p.frames] for p in plans] == [
+        [("a", [0, 1]), ("b", [0])],
+        [("b", [1, 2]), ("a", [2])],
+        [("a", [3]), ("b", [3])],
+    ]
+
+
+def test_token_budget_is_shared_and_a_sessions_frames_keep_their_order() -> None:
+    s = _scheduler(max_tokens_per_step=10)
+    s.add_session("a")
+    s.add_session("b")
+    for t in range(3):
+        s.add_frame("a", float(t), tokens=6)
+        s.add_frame("b", float(t), tokens=3)
+    plans = [_step(s) for _ in range(4)]
+    assert [_frames(p) for p in plans] == [
+        {"a": [0], "b": [0]},  # 6 + 3; neither next frame fits the last token
+        {"b": [1], "a": [1]},
+        {"a": [2], "b": [2]},
+        {},
+    ]
+    assert all(p.num_tokens <= 10 for p in plans)
+    assert s.session("a").tokens == 18 and s.session("b").tokens == 9
+
+
+def test_frame_budget_per_step() -> None:
+    s = _scheduler(max_frames_per_step=2)
+    s.add_session("a")
+    for t in range(5):
+        s.add_frame("a", float(t), tokens=1)
+    assert [_frames(_step(s)) for _ in range(4)] == [
+        {"a": [0, 1]},
+        {"a": [2, 3]},
+        {"a": [4]},
+        {},
+    ]
+
+
+# -------------------------------------------------------------- questions fork off video
+def test_question_sees_exactly_the_video_admitted_before_it_and_forks_with_copy_on_write():
+    s = _scheduler()
+    s.add_session("a")
+    s.add_frame("a", 0.0, tokens=5)
+    s.add_frame("a", 1.0, tokens=5)
+    q = _ask(s, "q", "a", prompt=3, new=3)
+    s.add_frame("a", 2.0, tokens=5)  # after the question: the answer must not see it
+
+    first = _step(s)
+    assert _frames(first) == {"a": [0, 1]}  # frame 2 waits for the question to fork
+    assert first.frames[0].placement == Placement(
+        0, 10, (BlockWrite(0, 0, 4), BlockWrite(1, 0, 4), BlockWrite(2, 0, 2)), None, (0, 1, 2)
+    )
+    assert q.status is RequestStatus.WAITING
+
+    second = _step(s)
+    (prefill,) = second.questions
+    assert (prefill.request_id, prefill.token_ids) == ("q", (100, 101, 102))
+    # It forks at the video's 10 tokens: blocks 0, 1 shared, the partial block 2 copied to 3.
+    assert prefill.placement == Placement(
+        start=10,
+        tokens=3,
+        writes=(BlockWrite(3, 2, 2), BlockWrite(4, 0, 1)),
+        copy=BlockCopy(src=2, dst=3, count=2),
+        allocated=(3, 4),
+    )
+    assert prefill.block_table == (0, 1, 3, 4)
+    # Frame 2 goes in the same step, after the question, filling block 2 in place.
+    assert _frames(second) == {"a": [2]}
+    assert second.frames[0].placement == Placement(
+        10, 5, (BlockWrite(2, 2, 2), BlockWrite(5, 0, 3)), None, (5,)
+    )
+    assert second.copies == (BlockCopy(2, 3, 2),)
+    assert q.status is RequestStatus.RUNNING
+    assert (q.frame_mark, q.stream_position) == (2, 1.0)
+
+    third = _step(s, q=7)
+    assert [(d.request_id, d.token_id, d.placement) for d in third.decodes] == [
+        ("q", 7, Placement(13, 1, (BlockWrite(4, 1, 1),), None, ()))
+    ]
+    fourth = _step(s, q=8)
+    assert fourth.decodes[0].placement == Placement(14, 1, (BlockWrite(4, 2, 1),), None, ())
+    s.update(StepOutput(fourth.step, {"q": 9}))
+    assert q.status is RequestStatus.FINISHED_LENGTH
+    assert q.finish_reason is FinishReason.LENGTH
+    assert q.output_ids == [7, 8, 9]
+    # Its own blocks come back; the video's shared blocks stay.
+    assert s.schedule().freed == (3, 4)
+    assert s.session("a").blocks == 4
+
+
+def test_questions_prefill_before_frames_take_the_budget() -> None:
+    s = _scheduler(max_tokens_per_step=8)
+    for sid in "ab":
+        s.add_session(sid)
+        s.add_frame(sid, 0.0, tokens=4)
+    _ask(s, "q", "a", prompt=6, new=2)
+    s.add_frame("a", 1.0, tokens=4)
+    s.add_frame("b", 1.0, tokens=4)
+    assert _frames(_step(s)) == {"a": [0], "b": [0]}
+    second = _step(s)
+    assert [q.request_id for q in second.questions] == ["q"]
+    assert _frames(second) == {}  # 6 of 8 tokens went to the question
+    third = _step(s, q=5)
+    assert [d.request_id for d in third.decodes] == ["q"]
+    assert _frames(third) == {"a": [1]}  # 1 + 4 tokens; b's frame waits for the next step
+    assert _frames(_step(s, q=6)) == {"b": [1]}
+
+
+def test_two_questions_on_one_session_decode_concurrently_while_frames_arrive() -> None:
+    s = _scheduler()
+    s.add_session("a")
+    s.add_frame("a", 0.0, tokens=5)
+    q1 = _ask(s, "q1", "a", prompt=2, new=4)
+    q2 = _ask(s, "q2", "a", prompt=2, new=4)
+    _step(s)
+    both = _step(s)
+    assert [(q.request_id, q.placement) for q in both.questions] == [
+        ("q1", Placement(5, 2, (BlockWrite(2, 1, 2),), BlockCopy(1, 2, 1), (2,))),
+        ("q2", Placement(5, 2, (BlockWrite(3, 1, 2),), BlockCopy(1, 3, 1), (3,))),
+    ]
+    s.add_frame("a", 1.0, tokens=3)
+    third = _step(s, q1=10, q2=20)
+    assert [(d.request_id, d.token_id, d.placement.writes) for d in third.decodes] == [
+        ("q1", 10, (BlockWrite(2, 3, 1),)),
+        ("q2", 20, (BlockWrite(3, 3, 1),)),
+    ]
+    assert _frames(third) == {"a": [1]}  # the video grows while both answers decode
+    assert third.frames[0].placement.writes == (BlockWrite(1, 1, 3),)
+    fourth = _step(s, q1=11, q2=STOP)
+    assert q2.status is RequestStatus.FINISHED_STOPPED and q2.output_ids == [20]
+    assert [d.request_id for d in fourth.decodes] == ["q1"]
+    assert fourth.decodes[0].placement == Placement(8, 1, (BlockWrite(4, 0, 1),), None, (4,))
+    assert fourth.freed == (3,)
+    assert q1.stream_position == q2.stream_position == 0.0
+    assert q1.status is RequestStatus.RUNNING
+
+
+def test_concurrent_decodes_are_capped_and_the_next_question_starts_when_one_ends() -> None:
+    s = _scheduler(max_concurrent_decodes=1)
+    s.add_session("a")
+    s.add_frame("a", 0.0, tokens=4)
+    _ask(s, "q1", "a", prompt=2, new=2)
+    q2 = _ask(s, "q2", "a", prompt=2, new=2)
+    _step(s)
+    assert [q.request_id for q in _step(s).questions] == ["q1"]
+    third = _step(s, q1=5)
+    assert [d.request_id for d in third.decodes] == ["q1"] and not third.questions
+    fourth = _step(s, q1=6)  # q1 has its 2 tokens: it ends, q2 starts in the same plan
+    assert [q.request_id for q in fourth.questions] == ["q2"]
+    assert q2.stream_position == 0.0
+
+
+# ------------------------------------------------------------------- admission, limits
+def test_a_session_is_refused_when_the_pool_cannot_hold_its_minimum() -> None:
+    # 7 blocks: each session is promised 2, and 3 stay free for an answer.
+    s = _scheduler(blocks=7)
+    s.add_session("a")
+    s.add_session("b")
+    with pytest.raises(Refused) as refused:
+        s.add_session("c")
+    assert refused.value.reason is Refusal.KV_POOL_EXHAUSTED
+    assert s.session("a").state is SessionState.ACTIVE  # nobody was evicted
+    s.close_session("a")
+    s.add_session("c")
+
+
+def test_pool_exhaustion_marks_the_session_full_and_its_questions_still_run() -> None:
+    s = _scheduler(blocks=7)
+    s.add_session("a")
+    for t in range(6):
+        s.add_frame("a", float(t), tokens=4)
+    assert _frames(_step(s)) == {"a": [0, 1, 2, 3]}
+    second = _step(s)
+    assert _frames(second) == {}
+    assert second.full == (SessionFull("a", FullReason.KV_POOL, dropped_frames=2),)
+    view = s.session("a")
+    assert (view.state, view.full_reason, view.frames_dropped) == (
+        SessionState.FULL,
+        FullReason.KV_POOL,
+        2,
+    )
+    assert (view.tokens, view.blocks, view.stream_position) == (16, 4, 3.0)
+    with pytest.raises(Refused) as refused:
+        s.add_frame("a", 9.0, tokens=4)
+    assert refused.value.reason is Refusal.SESSION_FULL
+    q = _ask(s, "q", "a", prompt=2, new=2)  # the headroom kept for answers serves it
+    (prefill,) = _step(s).questions
+    assert prefill.placement == Placement(16, 2, (BlockWrite(4, 0, 2),), None, (4,))
+    assert (q.frame_mark, q.stream_position) == (4, 3.0)
+
+
+def test_a_question_waiting_for_dropped_frames_sees_the_video_there_is() -> None:
+    s = _scheduler(blocks=7, max_frames_per_step=8)
+    s.add_session("a")
+    for t in range(5):
+        s.add_frame("a", float(t), tokens=4)
+    q = _ask(s, "q", "a", prompt=2, new=2)
+    first = _step(s)
+    assert _frames(first) == {"a": [0, 1, 2, 3]}
+    assert first.full == (SessionFull("a", FullReason.KV_POOL, dropped_frames=1),)
+    assert [p.request_id for p in _step(s).questions] == ["q"]
+    assert (q.frame_mark, q.stream_position) == (4, 3.0)
+
+
+def test_context_full_marks_the_session_with_its_reason() -> None:
+    s = _scheduler()  # video limit: 64 - 8 = 56 tokens
+    s.add_session("a")
+    for t in range(3):
+        s.add_frame("a", float(t), tokens=20)
+    plan = _step(s)
+    assert _frames(plan) == {"a": [0, 1]}
+    assert plan.full == (SessionFull("a", FullReason.CONTEXT, dropped_frames=1),)
+    assert s.session("a").state is SessionState.FULL
+
+
+@pytest.mark.parametrize(
+    ("call", "reason"),
+    [
+        (lambda s: s.add_session("a"), Refusal.SESSION_EXISTS),
+        (lambda s: s.add_frame("zz", 0.0, 1), Refusal.UNKNOWN_SESSION),
+        (lambda s: s.add_frame("a", 5.0, 65), Refusal.FRAME_TOO_LARGE),
+        (lambda s: s.add_frame("a", 0.0, 1), Refusal.FRAME_OUT_OF_ORDER),
+        (lambda s: _ask(s, "q", "b", 2, 2), Refusal.NO_FRAMES),
+        (lambda s: _ask(s, "q", "a", 7, 3), Refusal.QUESTION_TOO_LONG),
+        (lambda s: _ask(s, "q", "a", 0, 3), Refusal.QUESTION_TOO_LONG),
+        (lambda s: _ask(s, "old", "a", 2, 2), Refusal.REQUEST_EXISTS),
+    ],
+)
+def test_refusals_carry_a_machine_readable_reason(call, reason: Refusal) -> None:
+    s = _scheduler()
+    s.add_session("a")
+    s.add_session("b")
+    s.add_frame("a", 0.0, tokens=1)
+    _ask(s, "old", "a", 2, 2)
+    with pytest.raises(Refused) as refused:
+        call(s)
+    assert refused.value.reason is reason
+
+
+# ----------------------------------------------------------------- cancel, close, order
+def test_cancel_frees_a_running_answer_and_drops_its_in_flight_output() -> None:
+    s = _scheduler()
+    s.add_session("a")
+    s.add_frame("a", 0.0, tokens=5)
+    q = _ask(s, "q", "a", prompt=2, new=6)
+    _step(s)
+    assert _step(s).questions[0].placement.allocated == (2,)
+    assert s.cancel("q") is q
+    assert q.status is RequestStatus.FINISHED_CANCELLED
+    assert q.finish_reason is FinishReason.CANCELLED
+    after = _step(s, q=5)  # the step that was running reports a token: ignored
+    assert after.decodes == () and after.freed == (2,)
+    assert q.output_ids == []
+
+
+def test_cancel_a_waiting_question_and_close_a_session_with_answers_running() -> None:
+    s = _scheduler()
+    s.add_session("a")
+    s.add_frame("a", 0.0, tokens=5)
+    waiting = _ask(s, "w", "a", prompt=2, new=2)
+    s.cancel("w")
+    assert waiting.status is RequestStatus.FINISHED_CANCELLED and s.num_waiting == 0
+    q = _ask(s, "q", "a", prompt=2, new=6)
+    _step(s)
+    _step(s)
+    s.close_session("a")
+    assert q.status is RequestStatus.FINISHED_CANCELLED
+    assert sorted(_step(s, q=1).freed) == [0, 1, 2]
+    assert s.kv.pool.num_free == 64
+
+
+def test_a_plan_must_be_updated_before_the_next() -> None:
+    s = _scheduler()
+    s.schedule()
+    with pytest.raises(RuntimeError, match="not been updated"):
+        s.schedule()
+    with pytest.raises(ValueError, match="does not match"):
+        s.update(StepOutput(step=5))
+
+
+def test_a_missing_token_or_a_runner_failure_is_reported() -> None:
+    s = _scheduler()
+    s.add_session("a")
+    s.add_frame("a", 0.0, tokens=5)
+    q = _ask(s, "q", "a", prompt=2, new=6)
+    _step(s)
+    plan = _step(s)
+    with pytest.raises(ValueError, match="no token"):
+        s.update(StepOutput(plan.step, {}))
+    s._in_flight = plan
+    assert s.update(StepOutput(plan.step, failed={"q": "device error"})) == [q]
+    assert (q.status, q.error) == (RequestStatus.FINISHED_ERROR, "device error")
+
+
+def test_request_status_order_means_finished() -> None:
+    assert [status.finished for status in RequestStatus] == [False, False, True, True, True, True]
+    assert RequestStatus.RUNNING < RequestStatus.FINISHED_STOPPED
