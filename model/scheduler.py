@@ -458,6 +458,11 @@ class Scheduler:
         return request
 
     @property
+    def in_flight(self) -> StepPlan | None:
+        """The plan scheduled and not yet updated."""
+        return self._in_flight
+
+    @property
     def num_waiting(self) -> int:
         return len(self._waiting)
 
@@ -494,17 +499,23 @@ class Scheduler:
         plan = self._in_flight
         if plan is None or output.step != plan.step:
             raise ValueError(f"output for step {output.step} does not match the plan in flight")
+        items = (*plan.decodes, *plan.questions)
+        missing = [
+            item.request_id
+            for item in items
+            if item.request_id not in output.sampled and item.request_id not in output.failed
+        ]
+        if missing:
+            raise ValueError(f"step {plan.step} has no token for {', '.join(missing)}")
         self._in_flight = None
         advanced = []
-        for item in (*plan.decodes, *plan.questions):
+        for item in items:
             request = self._requests.get(item.request_id)
             if request is None or request.status.finished:
                 continue  # cancelled while the step ran
             if item.request_id in output.failed:
                 request.error = output.failed[item.request_id]
                 self._finish(request, RequestStatus.FINISHED_ERROR)
-            elif item.request_id not in output.sampled:
-                raise ValueError(f"step {plan.step} has no token for {item.request_id}")
             else:
                 self._accept(request, output.sampled[item.request_id])
             advanced.append(request)
@@ -592,6 +603,11 @@ class Scheduler:
     ) -> tuple[tuple[FramePrefill, ...], tuple[SessionFull, ...]]:
         taken: dict[str, list[tuple[Frame, Placement | None]]] = {}
         full: list[SessionFull] = []
+        marks: dict[str, int] = {}  # per session, the admission point of its next question
+        for request_id in self._waiting:
+            request = self._requests[request_id]
+            mark = marks.get(request.session_id, request.frame_mark)
+            marks[request.session_id] = min(mark, request.frame_mark)
         progress = True
         while progress and budget.frames > 0:
             progress = False
@@ -599,7 +615,7 @@ class Scheduler:
                 if budget.frames == 0:
                     break
                 session = self._sessions[session_id]
-                frame = self._next_frame(session, budget)
+                frame = self._next_frame(session, budget, marks.get(session_id))
                 if frame is None:
                     continue
                 key = _session_key(session_id)
@@ -626,17 +642,13 @@ class Scheduler:
         )
         return prefills, tuple(full)
 
-    def _next_frame(self, session: _Session, budget: _Budget) -> Frame | None:
-        """The session's next frame if it may go this step (order, question marks, budget)."""
+    @staticmethod
+    def _next_frame(session: _Session, budget: _Budget, mark: int | None) -> Frame | None:
+        """The session's next frame if it may go this step (order, question mark, budget)."""
         if session.state is not SessionState.ACTIVE or not session.waiting:
             return None
         frame = session.waiting[0]
-        marks = (
-            self._requests[r].frame_mark
-            for r in self._waiting
-            if self._requests[r].session_id == session.session_id
-        )
-        if frame.index >= min(marks, default=frame.index + 1):
+        if mark is not None and frame.index >= mark:
             return None  # a waiting question sees the video up to here: it forks first
         if frame.tokens > budget.tokens:
             return None

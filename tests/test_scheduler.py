@@ -47,12 +47,8 @@ def _frames(plan: StepPlan) -> dict[str, list[int]]:
 
 def _step(s: Scheduler, **sampled: int) -> StepPlan:
     """Finish the step in flight (with these sampled tokens) and plan the next one."""
-    return s.schedule() if s._in_flight is None else _next(s, sampled)
-
-
-def _next(s: Scheduler, sampled: dict[str, int]) -> StepPlan:
-    assert s._in_flight is not None
-    s.update(StepOutput(s._in_flight.step, sampled))
+    if s.in_flight is not None:
+        s.update(StepOutput(s.in_flight.step, sampled))
     return s.schedule()
 
 
@@ -240,6 +236,25 @@ def test_concurrent_decodes_are_capped_and_the_next_question_starts_when_one_end
     assert q2.stream_position == 0.0
 
 
+def test_the_oldest_question_waiting_for_memory_holds_back_younger_ones() -> None:
+    s = _scheduler(blocks=6)
+    s.add_session("a")
+    s.add_frame("a", 0.0, tokens=6)  # blocks 0, 1
+    _ask(s, "q0", "a", prompt=2, new=7)  # worst case 3 own blocks
+    _ask(s, "q1", "a", prompt=2, new=7)
+    q2 = _ask(s, "q2", "a", prompt=1, new=1)  # 1 block: would fit, but q1 is older
+    _step(s)
+    second = _step(s)
+    assert [q.request_id for q in second.questions] == ["q0"]
+    assert s.kv.available == 1 and q2.status is RequestStatus.WAITING
+    third = _step(s, q0=STOP)
+    assert third.freed == (2,)
+    assert [(q.request_id, q.placement.allocated) for q in third.questions] == [
+        ("q1", (3,)),
+        ("q2", (4,)),
+    ]
+
+
 # ------------------------------------------------------------------- admission, limits
 def test_a_session_is_refused_when_the_pool_cannot_hold_its_minimum() -> None:
     # 7 blocks: each session is promised 2, and 3 stay free for an answer.
@@ -375,9 +390,8 @@ def test_a_missing_token_or_a_runner_failure_is_reported() -> None:
     q = _ask(s, "q", "a", prompt=2, new=6)
     _step(s)
     plan = _step(s)
-    with pytest.raises(ValueError, match="no token"):
+    with pytest.raises(ValueError, match="no token for q"):
         s.update(StepOutput(plan.step, {}))
-    s._in_flight = plan
     assert s.update(StepOutput(plan.step, failed={"q": "device error"})) == [q]
     assert (q.status, q.error) == (RequestStatus.FINISHED_ERROR, "device error")
 
