@@ -20,6 +20,7 @@ drops its waiting frames and takes no more; its questions are still answered.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -218,6 +219,16 @@ class SessionView:
     stream_position: float | None
 
 
+@dataclass(frozen=True)
+class PoolView:
+    """Block pool occupancy for status messages and metrics."""
+
+    blocks_total: int
+    blocks_used: int
+    blocks_available: int
+    """Free and not promised to a session's minimum or an answer's worst case."""
+
+
 # ------------------------------------------------------------------------------ the plan
 @dataclass(frozen=True)
 class FramePrefill:
@@ -375,15 +386,20 @@ class Scheduler:
             raise Refused(
                 Refusal.SESSION_FULL, f"session {session_id} is full ({session.full_reason})"
             )
-        if tokens < 0 or tokens > self.config.max_tokens_per_step:
+        if tokens < 0:
+            raise ValueError(f"a frame adds >= 0 tokens, got {tokens}")
+        if tokens > self.config.max_tokens_per_step:
             raise Refused(
                 Refusal.FRAME_TOO_LARGE,
                 f"a frame of {tokens} tokens does not fit a step of "
                 f"{self.config.max_tokens_per_step}",
             )
         last = session.last_admitted_time
-        if last is not None and time <= last:
-            raise Refused(Refusal.FRAME_OUT_OF_ORDER, f"frame time {time} is not after {last}")
+        if not (math.isfinite(time) and time >= 0) or (last is not None and time <= last):
+            raise Refused(
+                Refusal.FRAME_OUT_OF_ORDER,
+                f"frame times must increase from 0; got {time} after {last}",
+            )
         frame = Frame(session.admitted, time, tokens)
         session.waiting.append(frame)
         session.admitted += 1
@@ -405,6 +421,10 @@ class Scheduler:
             stream_position=session.last_time,
         )
 
+    def pool(self) -> PoolView:
+        pool = self.kv.pool
+        return PoolView(pool.num_blocks, pool.num_used, self.kv.available)
+
     # ---------------------------------------------------------------- requests
     def add_request(
         self,
@@ -418,7 +438,7 @@ class Scheduler:
         session = self._session(session_id)
         if request_id in self._requests:
             raise Refused(Refusal.REQUEST_EXISTS, f"request {request_id} already exists")
-        if session.admitted == 0:
+        if session.admitted - session.dropped == 0:
             raise Refused(Refusal.NO_FRAMES, "the session has no frames yet")
         prompt = tuple(prompt_ids)
         own = len(prompt) + params.max_new_tokens - 1

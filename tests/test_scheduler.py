@@ -13,6 +13,7 @@ from livelens.model.kv import BlockCopy, BlockPool, BlockWrite, KVCacheManager, 
 from livelens.model.scheduler import (
     FinishReason,
     FullReason,
+    PoolView,
     Refusal,
     Refused,
     RequestStatus,
@@ -261,6 +262,7 @@ def test_a_session_is_refused_when_the_pool_cannot_hold_its_minimum() -> None:
     s = _scheduler(blocks=7)
     s.add_session("a")
     s.add_session("b")
+    assert s.pool() == PoolView(blocks_total=7, blocks_used=0, blocks_available=3)
     with pytest.raises(Refused) as refused:
         s.add_session("c")
     assert refused.value.reason is Refusal.KV_POOL_EXHAUSTED
@@ -325,6 +327,8 @@ def test_context_full_marks_the_session_with_its_reason() -> None:
         (lambda s: s.add_frame("zz", 0.0, 1), Refusal.UNKNOWN_SESSION),
         (lambda s: s.add_frame("a", 5.0, 65), Refusal.FRAME_TOO_LARGE),
         (lambda s: s.add_frame("a", 0.0, 1), Refusal.FRAME_OUT_OF_ORDER),
+        (lambda s: s.add_frame("b", float("nan"), 1), Refusal.FRAME_OUT_OF_ORDER),
+        (lambda s: s.add_frame("b", -1.0, 1), Refusal.FRAME_OUT_OF_ORDER),
         (lambda s: _ask(s, "q", "b", 2, 2), Refusal.NO_FRAMES),
         (lambda s: _ask(s, "q", "a", 7, 3), Refusal.QUESTION_TOO_LONG),
         (lambda s: _ask(s, "q", "a", 0, 3), Refusal.QUESTION_TOO_LONG),
