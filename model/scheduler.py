@@ -523,7 +523,9 @@ class Scheduler:
         missing = [
             item.request_id
             for item in items
-            if item.request_id not in output.sampled and item.request_id not in output.failed
+            if item.request_id in self._requests  # not cancelled while the step ran
+            and item.request_id not in output.sampled
+            and item.request_id not in output.failed
         ]
         if missing:
             raise ValueError(f"step {plan.step} has no token for {', '.join(missing)}")

@@ -6,6 +6,7 @@ Blocks hold 4 tokens; the pool hands out block ids in order, so every plan is pr
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import pytest
 
@@ -403,3 +404,142 @@ def test_a_missing_token_or_a_runner_failure_is_reported() -> None:
 def test_request_status_order_means_finished() -> None:
     assert [status.finished for status in RequestStatus] == [False, False, True, True, True, True]
     assert RequestStatus.RUNNING < RequestStatus.FINISHED_STOPPED
+
+
+# --------------------------------------------------- a tensor-free execution of the plans
+class SlotMemory:
+    """Executes plans on labels instead of tensors: copies first, then every write.
+
+    A label names the token a slot should hold (a session's frame token, a question's prompt
+    token, an answer token), so reading a sequence back through its block table shows exactly
+    which tokens its attention would see.
+    """
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.slots: dict[int, tuple] = {}
+
+    def slot(self, table: tuple[int, ...], position: int) -> int:
+        return table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def execute(self, plan: StepPlan, labels: dict[str, list[tuple]]) -> None:
+        for copy in plan.copies:
+            for i in range(copy.count):
+                src = copy.src * self.block_size + i
+                self.slots[copy.dst * self.block_size + i] = self.slots[src]
+        for item in (*plan.decodes, *plan.questions, *plan.frames):
+            key = getattr(item, "request_id", None) or item.session_id
+            new = labels[key]
+            written = [
+                write.block * self.block_size + write.start + i
+                for write in item.placement.writes
+                for i in range(write.count)
+            ]
+            assert len(written) == len(new) == item.placement.tokens
+            for slot, label in zip(written, new, strict=True):
+                self.slots[slot] = label
+
+    def read(self, table: tuple[int, ...], end: int) -> list[tuple]:
+        return [self.slots.get(self.slot(table, p)) for p in range(end)]
+
+
+def test_random_traffic_every_sequence_reads_exactly_its_own_tokens() -> None:
+    """Sessions, frames, questions, answers, cancels and closes at random over a small pool:
+    after every step each scheduled sequence reads back exactly its tokens (a question: the
+    frames admitted before it, its prompt, its answer so far), budgets hold, and nothing leaks."""
+    rng = random.Random(7)
+    config = dataclasses.replace(
+        CONFIG, max_tokens_per_step=24, max_concurrent_decodes=3, max_model_len=200
+    )
+    s = Scheduler(KVCacheManager(BlockPool(40, block_size=4)), config)
+    memory = SlotMemory(4)
+    videos: dict[str, list[tuple]] = {}  # session -> labels of its prefilled tokens
+    frames_seen: dict[str, list[int]] = {}  # session -> indices of its prefilled frames
+    admitted: dict[str, int] = {}
+    asked: dict[str, tuple[str, int]] = {}  # request -> (session, frames admitted before it)
+    expected: dict[str, list[tuple]] = {}  # request -> labels its table must hold
+    clock = 0.0
+    forks = full_sessions = finished = 0
+    sampled: dict[str, int] = {}
+    for step in range(300):
+        live = list(videos)
+        if len(live) < 3 and rng.random() < 0.3:
+            sid = f"s{step}"
+            try:
+                s.add_session(sid)
+                videos[sid], frames_seen[sid], admitted[sid] = [], [], 0
+            except Refused as refused:
+                assert refused.reason is Refusal.KV_POOL_EXHAUSTED
+        for sid in list(videos):
+            for _ in range(rng.randrange(3)):  # bursts build a backlog under the token budget
+                clock += 0.5
+                if s.session(sid).state is SessionState.ACTIVE:
+                    s.add_frame(sid, clock, tokens=rng.randrange(0, 9))
+                    admitted[sid] += 1
+                if rng.random() < 0.1 and admitted[sid] and len(asked) < 6:
+                    rid = f"q{step}{sid}{clock}"
+                    _ask(s, rid, sid, prompt=rng.randrange(1, 4), new=rng.randrange(1, 6))
+                    asked[rid] = (sid, admitted[sid])
+            full = s.session(sid).state is SessionState.FULL
+            if rng.random() < (0.1 if full else 0.01):
+                s.close_session(sid)
+                del videos[sid]
+                for rid in [r for r, (owner, _) in asked.items() if owner == sid]:
+                    del asked[rid]
+                    expected.pop(rid, None)
+        if asked and rng.random() < 0.05:
+            rid = rng.choice(list(asked))
+            s.cancel(rid)
+            del asked[rid]
+            expected.pop(rid, None)
+            sampled.pop(rid, None)
+
+        plan = _step(s, **sampled)
+        assert plan.num_tokens <= config.max_tokens_per_step
+        assert plan.num_frames <= config.max_frames_per_step
+        assert len(plan.decodes) + len(plan.questions) <= config.max_concurrent_decodes
+        full_sessions += len(plan.full)
+        labels: dict[str, list[tuple]] = {}
+        for decode in plan.decodes:
+            labels[decode.request_id] = [("answer", decode.request_id, decode.token_id)]
+        for prefill in plan.questions:
+            sid, before = asked[prefill.request_id]
+            # Exactly the frames admitted before the question (fewer only if some were dropped).
+            assert all(index < before for index in frames_seen[sid])
+            assert len(frames_seen[sid]) == before or s.session(sid).frames_dropped
+            expected[prefill.request_id] = list(videos[sid])
+            labels[prefill.request_id] = [
+                ("prompt", prefill.request_id, j) for j in range(len(prefill.token_ids))
+            ]
+            forks += 1
+        for prefill in plan.frames:
+            assert [f.index for f in prefill.frames] == sorted(f.index for f in prefill.frames)
+            frames_seen[prefill.session_id] += [f.index for f in prefill.frames]
+            labels[prefill.session_id] = [
+                (prefill.session_id, f.index, j) for f in prefill.frames for j in range(f.tokens)
+            ]
+        memory.execute(plan, labels)
+        for item in (*plan.decodes, *plan.questions, *plan.frames):
+            key = getattr(item, "request_id", None) or item.session_id
+            owner = expected if key in expected else videos
+            owner[key] += labels[key]
+            assert memory.read(item.block_table, len(owner[key])) == owner[key], key
+        for sid in videos:
+            assert frames_seen[sid] == list(range(len(frames_seen[sid])))  # never reordered
+        sampled = {}
+        for rid in [*(d.request_id for d in plan.decodes), *(q.request_id for q in plan.questions)]:
+            sampled[rid] = STOP if rng.random() < 0.1 else rng.randrange(1, 50)
+        for rid in list(asked):
+            request = s.request(rid)
+            if request is None or request.status.finished:
+                del asked[rid]
+                finished += 1
+    for sid in list(videos):
+        s.close_session(sid)
+    s.update(StepOutput(s.in_flight.step, sampled))
+    for rid in list(asked):
+        s.cancel(rid)
+    s.schedule()
+    assert s.kv.pool.num_free == s.kv.pool.num_blocks  # every block came back
+    # The traffic did exercise forks, answers, backlogs behind questions and full sessions.
+    assert forks > 20 and finished > 10 and full_sessions > 0
