@@ -196,6 +196,33 @@ def scenario(config: Qwen2Config, contexts: list[int], question: int, extra: int
     return kv, step1, step2, full
 
 
+def check_generate_batch(model, contexts: list[int], new_tokens: int = 8) -> None:
+    """transformers' own continuous batching on this machine: same greedy tokens as generate?"""
+    from transformers import GenerationConfig
+
+    g = torch.Generator().manual_seed(1)
+    prompts = [
+        torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in contexts
+    ]
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1)
+    model.config._attn_implementation = "sdpa"
+    started = time.perf_counter()
+    batched = model.generate_batch(inputs=prompts, generation_config=config)
+    seconds = time.perf_counter() - started
+    got = [
+        batched[key].generated_tokens
+        for key in sorted(batched, key=lambda k: int(k.split("_")[-1]))
+    ]
+    want = [
+        model.generate(torch.tensor([p]), generation_config=config)[0, len(p) :].tolist()
+        for p in prompts
+    ]
+    print(
+        f"\ngenerate_batch: {len(prompts)} prompts x {new_tokens} tokens in {seconds:.1f} s; "
+        f"greedy tokens equal to generate: {got == want}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=64)
@@ -207,6 +234,9 @@ def main() -> None:
     parser.add_argument("--extra", type=int, default=13)
     parser.add_argument("--paths", default="sdpa,eager,flex,flex_compiled")
     parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument(
+        "--generate-batch", action="store_true", help="also run transformers' generate_batch"
+    )
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -246,6 +276,8 @@ def main() -> None:
             tokens = sum(len(i.ids) for i in step2)
             median = statistics.median(times[1:] or times)
             print(f"| {path} | {diff:.2e} | {tokens} | {times[0]:.1f} | {median:.1f} |")
+        if args.generate_batch:
+            check_generate_batch(model, contexts)
 
 
 if __name__ == "__main__":
