@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from livelens.model.runner import ModelRunner
-from livelens.model.scheduler import Scheduler
+from livelens.model.worker import Scheduler
 from livelens.stream.errors import SourceError
 from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, MIN_TOKENS_PER_FRAME
 from livelens.stream.limits import LimitsConfig
