@@ -1,4 +1,5 @@
-"""The model scheduler: ordering, fairness, bounded buffers, flush-before-answer, cancellation."""
+"""The closure worker (model/worker.py): ordering, fairness, bounded buffers, flush-before-answer,
+cancellation. It goes when the step engine (model/scheduler.py) drives the service."""
 
 from __future__ import annotations
 
