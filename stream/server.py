@@ -7,6 +7,11 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from livelens.stream.sources.policy import SourcePolicy
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +56,7 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
 
         raise UsageError(f"--tokens-per-frame must be >= {MIN_TOKENS_PER_FRAME}")
     token = args.token or os.environ.get("LIVELENS_TOKEN") or None
+    sources = source_policy(args)
     redis_url = None if args.redis_url.lower() in ("", "none") else args.redis_url
 
     loaded = load_model(args.model, device=args.device)
@@ -66,6 +72,7 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         status_interval_s=interval,
         redis_url=redis_url,
         pull=PullConfig(give_up_after_s=give_up),
+        sources=sources,
     )
     whip = WhipSettings(
         token=token,
@@ -89,3 +96,21 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
             log_level=args.log_level,
         )
     return 0
+
+
+def source_policy(args: argparse.Namespace) -> SourcePolicy:
+    """The source policy from --allow-source, --media-root, --source-ca-file and their env vars."""
+    from livelens.stream.cli import UsageError
+    from livelens.stream.sources.policy import SourcePolicy, parse_allow_list
+
+    env = os.environ.get
+    media_root = args.media_root or env("LIVELENS_MEDIA_ROOT") or None
+    ca_file = args.source_ca_file or env("LIVELENS_SOURCE_CA_FILE") or None
+    try:
+        return SourcePolicy(
+            allow=parse_allow_list([*args.allow_source, env("LIVELENS_ALLOW_SOURCES", "")]),
+            media_root=Path(media_root).resolve() if media_root else None,
+            ca_file=Path(ca_file).resolve() if ca_file else None,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None

@@ -32,10 +32,14 @@ from livelens.stream.registry import (
     validate_session_id,
 )
 from livelens.stream.sources.file import DecodedFrame
+from livelens.stream.sources.policy import PullTarget, SourcePolicy, SourceRefused, operator_target
 from livelens.stream.sources.pull import PullConfig, PullSource, SourceEvent
 from livelens.stream.thumbnails import DEFAULT_CAPACITY
 
 logger = logging.getLogger(__name__)
+
+SOURCE_FAILED = "the source could not be read (the server log has the details)"
+"""The reason a failed network pull session gives clients."""
 
 
 def default_node() -> str:
@@ -65,6 +69,8 @@ class ServiceConfig:
     ended_retention_s: float = 600.0
     """How long an ended session keeps its KV cache for late questions."""
     pull: PullConfig = field(default_factory=PullConfig)
+    sources: SourcePolicy = field(default_factory=SourcePolicy)
+    """Where network-given pull sources may lead (hosts, local files, trusted CAs)."""
 
     def __post_init__(self) -> None:
         # Refused here rather than as an "unsupported frame size" ending every session.
@@ -189,15 +195,17 @@ class LiveService:
             raise RuntimeError(exc.message) from None
 
     async def open_pull(
-        self, request: PullRequest, *, session_id: str | None = None
+        self, request: PullRequest, *, session_id: str | None = None, operator: bool = False
     ) -> LiveSession:
-        """Start pulling `request.source` in a thread; errors in the URL are refused here.
+        """Start pulling `request.source` in a thread; sources the policy refuses are refused here.
 
         session_id: a fixed id (see open_session), refused while another node holds a live
-        session by that id.
+        session by that id. operator: the source comes from the operator (`serve --demo`), not
+        from the network: syntax checked, not limited to the allowed hosts and media root.
         """
         if session_id is not None:
             await self._check_unclaimed(session_id)
+        target = await self._target(request.source, operator=operator)
         config = PullConfig(
             reconnect_initial_s=self.config.pull.reconnect_initial_s,
             reconnect_max_s=self.config.pull.reconnect_max_s,
@@ -216,13 +224,10 @@ class LiveService:
         def on_event(event: SourceEvent) -> None:
             loop.call_soon_threadsafe(self._pull_event, target[0], event)
 
-        try:
-            source = PullSource(request.source, on_frame=on_frame, on_event=on_event, config=config)
-        except (SourceError, ValueError) as exc:  # a URL or path we cannot pull
-            raise ServiceError(400, "bad_source", str(exc)) from None
+        source = PullSource(target, on_frame=on_frame, on_event=on_event, config=config)
         session = self.open_session(
             "pull",
-            request.source,
+            source.name,
             fps=request.fps,
             prune_threshold=request.prune_threshold,
             session_id=session_id,
@@ -231,6 +236,18 @@ class LiveService:
         self.pulls[session.id] = source
         source.start()
         return session
+
+    async def _target(self, source: str, *, operator: bool) -> PullTarget:
+        """The checked source (DNS is resolved in a thread); ServiceError if refused."""
+        policy = self.config.sources
+        try:
+            if operator:
+                return operator_target(source, policy.ca_file)
+            return await asyncio.to_thread(policy.check, source)
+        except SourceRefused as exc:
+            raise ServiceError(exc.status, exc.code, exc.message) from None
+        except SourceError as exc:  # the operator's own source: the exact reason
+            raise ServiceError(422, "bad_source", str(exc)) from None
 
     async def _check_unclaimed(self, session_id: str) -> None:
         """ServiceError 409 if another node's live session has this id in the registry."""
@@ -246,7 +263,12 @@ class LiveService:
 
     def _pull_event(self, session: LiveSession, event: SourceEvent) -> None:
         if event.kind == "failed":
-            session.finish(event.message, True)
+            source = self.pulls.get(session.id)
+            # Which way a network source failed (refused, timed out, not media) would tell a
+            # client which ports are open: the record says only that it failed; the source
+            # logged the details.
+            generic = source is not None and source.is_network
+            session.finish(SOURCE_FAILED if generic else event.message, True)
         elif event.kind == "ended":
             session.finish(event.message)
         elif event.kind == "gap" and event.gap is not None:
