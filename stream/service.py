@@ -205,7 +205,7 @@ class LiveService:
         """
         if session_id is not None:
             await self._check_unclaimed(session_id)
-        target = await self._target(request.source, operator=operator)
+        checked = await self._target(request.source, operator=operator)
         config = PullConfig(
             reconnect_initial_s=self.config.pull.reconnect_initial_s,
             reconnect_max_s=self.config.pull.reconnect_max_s,
@@ -224,7 +224,7 @@ class LiveService:
         def on_event(event: SourceEvent) -> None:
             loop.call_soon_threadsafe(self._pull_event, target[0], event)
 
-        source = PullSource(target, on_frame=on_frame, on_event=on_event, config=config)
+        source = PullSource(checked, on_frame=on_frame, on_event=on_event, config=config)
         session = self.open_session(
             "pull",
             source.name,
