@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 SOURCE_FAILED = "the source could not be read (the server log has the details)"
 """The reason a failed network pull session gives clients."""
+SOURCE_UNREADABLE = "the source could not be opened (the server log has the details)"
+"""The answer to a POST whose source does not open, whatever the cause."""
+# How much longer than the source's own open timeout a POST waits for the first open.
+_OPEN_GRACE_S = 2.0
 
 
 def default_node() -> str:
@@ -215,26 +220,33 @@ class LiveService:
             loop=request.loop,
         )
         assert self.loop is not None
-        loop = self.loop
-        target: list[LiveSession] = []  # the session, once the source is known to be valid
-
-        def on_frame(frame: DecodedFrame) -> None:
-            target[0].push(frame)
-
-        def on_event(event: SourceEvent) -> None:
-            loop.call_soon_threadsafe(self._pull_event, target[0], event)
-
-        source = PullSource(checked, on_frame=on_frame, on_event=on_event, config=config)
-        session = self.open_session(
-            "pull",
-            source.name,
-            fps=request.fps,
-            prune_threshold=request.prune_threshold,
-            session_id=session_id,
+        handoff = _Handoff(self.loop, self._pull_event)
+        source = PullSource(
+            checked, on_frame=handoff.on_frame, on_event=handoff.on_event, config=config
         )
-        target.append(session)
-        self.pulls[session.id] = source
         source.start()
+        try:
+            # Checked up front: a source that cannot be opened is refused now, instead of
+            # leaving a session "starting" until the give-up time.
+            try:
+                first = await asyncio.wait_for(handoff.first, config.open_timeout_s + _OPEN_GRACE_S)
+            except TimeoutError:
+                first = None
+            if first is None or first.kind != "connected":
+                raise ServiceError(422, "source_unreadable", SOURCE_UNREADABLE)
+            session = self.open_session(
+                "pull",
+                source.name,
+                fps=request.fps,
+                prune_threshold=request.prune_threshold,
+                session_id=session_id,
+            )
+        except BaseException:  # refused, or the request was cancelled: no session, no source
+            handoff.detach()
+            await asyncio.to_thread(source.stop)
+            raise
+        self.pulls[session.id] = source
+        handoff.attach(session)
         return session
 
     async def _target(self, source: str, *, operator: bool) -> PullTarget:
@@ -377,6 +389,56 @@ class LiveService:
             self.metrics.sessions.labels(state).set(n)
         self.metrics.kv_bytes.set(kv)
         self.metrics.redis_connected.set(1 if self.registry.connected else 0)
+
+
+class _Handoff:
+    """Links a pull source's thread to its session, which is created once the source opened.
+
+    The first event resolves `first`. Until attach() frames wait (the decode thread blocks for
+    the few milliseconds the session takes to open) and events are kept; after detach() (the
+    POST was refused) frames and events are dropped.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_event: Callable[[LiveSession, SourceEvent], None],
+    ) -> None:
+        self.loop = loop
+        self.first: asyncio.Future[SourceEvent] = loop.create_future()
+        self._deliver = on_event
+        self._session: LiveSession | None = None
+        self._pending: list[SourceEvent] = []
+        self._settled = threading.Event()
+
+    def on_frame(self, frame: DecodedFrame) -> None:
+        self._settled.wait()
+        if self._session is not None:
+            self._session.push(frame)
+
+    def on_event(self, event: SourceEvent) -> None:
+        self.loop.call_soon_threadsafe(self._event, event)
+
+    def _event(self, event: SourceEvent) -> None:
+        if not self.first.done():
+            self.first.set_result(event)
+        if self._session is not None:
+            self._deliver(self._session, event)
+        elif not self._settled.is_set():
+            self._pending.append(event)
+
+    def attach(self, session: LiveSession) -> None:
+        """On the loop: the session exists; kept events reach it, then frames flow."""
+        self._session = session
+        for event in self._pending:
+            self._deliver(session, event)
+        self._pending.clear()
+        self._settled.set()
+
+    def detach(self) -> None:
+        """The source was refused: nothing reaches a session."""
+        self._pending.clear()
+        self._settled.set()
 
 
 STATS_KEYS = (

@@ -14,7 +14,14 @@ from urllib.parse import quote
 
 import pytest
 import redis
-from media_servers import MediaServer, closed_port, make_hls, self_signed_certificate, tls_context
+from media_servers import (
+    LiveClock,
+    MediaServer,
+    closed_port,
+    make_hls,
+    self_signed_certificate,
+    tls_context,
+)
 from service_harness import LOOPBACK, fast_config, running_app, wait_for
 from videos import make_video
 
@@ -22,7 +29,7 @@ from livelens.model.runner import ModelRunner
 from livelens.stream.cli import UsageError, build_parser
 from livelens.stream.redact import mask_url
 from livelens.stream.server import source_policy
-from livelens.stream.service import SOURCE_FAILED
+from livelens.stream.service import SOURCE_FAILED, SOURCE_UNREADABLE
 from livelens.stream.sources.policy import SourcePolicy, SourceRefused, operator_target
 from livelens.stream.sources.pull import PullConfig
 
@@ -243,22 +250,23 @@ def test_an_hls_playlist_cannot_make_ffmpeg_read_local_files(runner, tmp_path) -
         MediaServer(web) as http,
         running_app(runner, fast_config(None, pull=QUICK_FAIL)) as (client, _),
     ):
-        created = client.post("/v1/sessions", json={"source": http.url("evil.m3u8")})
-        assert created.status_code == 201, created.text
-        record = wait_for(lambda: _final(client, created.json()["id"]))
-        assert record["stats"]["frames_received"] == 0, record
+        refused = client.post("/v1/sessions", json={"source": http.url("evil.m3u8")})
+        assert (refused.status_code, refused.json()["error"]["code"]) == (
+            422,
+            "source_unreadable",
+        )
+        assert http.hosts == [f"127.0.0.1:{http.port}"]  # the playlist was read, nothing else
 
 
 def test_tls_is_verified_and_a_private_ca_can_be_trusted(runner, tmp_path, caplog) -> None:
     make_video(tmp_path / "clip.mp4", frames=20, fps=10)
     cert, key = self_signed_certificate(tmp_path)
     with MediaServer(tmp_path, tls=tls_context(cert, key)) as https:
-        with running_app(runner, fast_config(None, pull=QUICK_FAIL)) as (client, _):
-            created = client.post("/v1/sessions", json={"source": https.url("clip.mp4")})
-            assert created.status_code == 201, created.text
-            record = wait_for(lambda: _final(client, created.json()["id"]))
-            assert (record["state"], record["reason"]) == ("failed", SOURCE_FAILED)
-            assert record["stats"]["frames_received"] == 0
+        with running_app(runner, fast_config(None, pull=QUICK_FAIL)) as (client, service):
+            refused = client.post("/v1/sessions", json={"source": https.url("clip.mp4")})
+            assert refused.status_code == 422, refused.text
+            assert refused.json()["error"]["message"] == SOURCE_UNREADABLE
+            assert service.sessions == {}
         assert https.hosts == []  # no request got past the handshake
 
         trusting = fast_config(
@@ -316,26 +324,66 @@ def test_local_files_only_under_the_media_root_with_one_answer(runner, tmp_path)
             assert created.json()["source"] == good
 
 
-def test_camera_passwords_never_leave_the_pull_source(runner, redis_server, caplog) -> None:
+def test_a_source_that_does_not_open_is_refused_when_posted(runner, tmp_path) -> None:
+    """An HLS 404 and a closed RTSP port: one answer at once, no session left "starting"."""
+    with (
+        MediaServer(tmp_path) as http,
+        running_app(runner, fast_config(None, pull=QUICK_FAIL)) as (client, service),
+    ):
+        for source in (http.url("missing.m3u8"), f"rtsp://127.0.0.1:{closed_port()}/x"):
+            refused = client.post("/v1/sessions", json={"source": source})
+            assert (refused.status_code, refused.json()["error"]) == (
+                422,
+                {"code": "source_unreadable", "message": SOURCE_UNREADABLE},
+            )
+        assert service.sessions == {} and service.pulls == {}
+        assert http.hosts == [f"127.0.0.1:{http.port}"]
+
+
+def test_a_source_that_dies_fails_with_the_generic_reason(runner, tmp_path, caplog) -> None:
+    clock = LiveClock(make_hls(tmp_path / "hls", segments=12), preload=3, window=3)
+    http = MediaServer(tmp_path / "hls", clock=clock)
+    try:
+        with running_app(runner, fast_config(None, pull=QUICK_FAIL)) as (client, _):
+            created = client.post("/v1/sessions", json={"source": http.url("live.m3u8")})
+            assert created.status_code == 201, created.text
+            sid = created.json()["id"]
+            wait_for(lambda: client.get(f"/v1/sessions/{sid}").json()["state"] == "live")
+            http.stop()
+            record = wait_for(lambda: _final(client, sid))
+    finally:
+        http.stop()
+    assert (record["state"], record["reason"]) == ("failed", SOURCE_FAILED)
+    assert "connection refused" in caplog.text  # the details are in the log
+
+
+def test_camera_passwords_never_leave_the_pull_source(runner, redis_server, tmp_path, caplog):
     caplog.set_level(logging.DEBUG, logger="livelens")
     password = "Hunter2-camera"
-    source = f"rtsp://admin:{password}@127.0.0.1:{closed_port()}/stream1"
-    shown = source.replace(password, "***")
-    with running_app(runner, fast_config(redis_server.url, pull=QUICK_FAIL)) as (client, _):
+    make_video(tmp_path / "clip.mp4", frames=10, fps=10)
+    config = fast_config(redis_server.url, pull=QUICK_FAIL)
+    with MediaServer(tmp_path) as http, running_app(runner, config) as (client, _):
+        source = http.url("clip.mp4").replace("://", f"://admin:{password}@")
+        shown = source.replace(password, "***")
         created = client.post("/v1/sessions", json={"source": source})
         assert created.status_code == 201, created.text
         sid = created.json()["id"]
         assert created.json()["source"] == shown
         record = wait_for(lambda: _final(client, sid))
-        assert (record["source"], record["state"]) == (shown, "failed")
+        assert (record["source"], record["state"]) == (shown, "ended")
         assert [s["source"] for s in client.get("/v1/sessions").json()["sessions"]] == [shown]
-        refused = client.post("/v1/sessions", json={"source": source + "\r\nx"})
-        assert refused.status_code == 422 and password not in refused.text
+        for refused_source in (
+            f"rtsp://admin:{password}@127.0.0.1:{closed_port()}/stream1",  # does not open
+            f"rtsp://admin:{password}@10.0.0.1/stream1",  # not allowed
+            source + "\r\nx",  # malformed
+        ):
+            refused = client.post("/v1/sessions", json={"source": refused_source})
+            assert refused.status_code in (403, 422) and password not in refused.text
     r = redis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
         stored = r.hgetall(f"livelens:session:{sid}")
     finally:
         r.close()
     assert stored["source"] == shown
-    assert "connection refused" in caplog.text  # the failure was logged, in detail
+    assert "connection refused: rtsp://admin:***@127.0.0.1" in caplog.text  # logged, masked
     assert password not in caplog.text and password not in repr(stored)
