@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import ssl
+import threading
 from pathlib import Path
 from urllib.parse import quote
 
@@ -31,7 +34,7 @@ from livelens.stream.redact import mask_url
 from livelens.stream.server import source_policy
 from livelens.stream.service import SOURCE_FAILED, SOURCE_UNREADABLE
 from livelens.stream.sources.policy import SourcePolicy, SourceRefused, operator_target
-from livelens.stream.sources.pull import PullConfig
+from livelens.stream.sources.pull import PullConfig, PullSource
 
 QUICK_FAIL = PullConfig(
     reconnect_initial_s=0.1, reconnect_max_s=0.2, give_up_after_s=0.5, open_timeout_s=3.0
@@ -280,6 +283,65 @@ def test_tls_is_verified_and_a_private_ca_can_be_trusted(runner, tmp_path, caplo
             record = wait_for(lambda: _final(client, created.json()["id"]))
             assert record["state"] == "ended" and record["stats"]["frames_received"] == 20
         assert set(https.hosts) == {f"localhost:{https.port}"}
+
+
+class TlsListener:
+    """A TLS server on 127.0.0.1 that keeps the first bytes each client sends after the
+    handshake (b"" when the client hung up during it), then hangs up."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self.port = self._socket.getsockname()[1]
+        self.received: list[bytes] = []
+        self._context = context
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self._socket.accept()
+            except OSError:
+                return  # closed
+            with client:
+                try:
+                    with self._context.wrap_socket(client, server_side=True) as tls:
+                        tls.settimeout(5)
+                        self.received.append(tls.recv(200))
+                except OSError:
+                    self.received.append(b"")
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+def test_rtsps_certificates_are_verified_by_name(tmp_path) -> None:
+    """rtsps:// by name: FFmpeg connects to the checked address and verifies the name; without
+    the CA it hangs up in the handshake, before sending its first RTSP request."""
+    cert, key = self_signed_certificate(tmp_path)
+    listener = TlsListener(tls_context(cert, key))
+    try:
+        untrusted = _first_contact(SourcePolicy(allow=LOOPBACK), listener)
+        trusted = _first_contact(SourcePolicy(allow=LOOPBACK, ca_file=cert), listener)
+    finally:
+        listener.close()
+    assert untrusted == (b"", "reconnecting")
+    assert trusted[0].startswith(b"OPTIONS rtsps://127.0.0.1:")
+    assert trusted[1] == "reconnecting"  # no RTSP server behind it either way
+
+
+def _first_contact(policy: SourcePolicy, listener: TlsListener) -> tuple[bytes, str]:
+    """What the listener got from a pull of rtsps://localhost, and the source's first event."""
+    target = policy.check(f"rtsps://localhost:{listener.port}/cam")
+    events: list[str] = []
+    source = PullSource(target, on_frame=lambda f: None, on_event=lambda e: events.append(e.kind))
+    source.start()
+    try:
+        wait_for(lambda: events and listener.received)
+    finally:
+        source.stop()
+    first = listener.received[0]
+    listener.received.clear()
+    return first, events[0]
 
 
 def test_local_files_only_under_the_media_root_with_one_answer(runner, tmp_path) -> None:
