@@ -72,6 +72,9 @@ def _final(client, session_id: str) -> dict | None:
         "http://host.example/\u2028",
         "http://host.example/caf\u00e9",
         "http://host.example/%00",
+        "/media/clip\r\n.mp4",
+        "/media/clip\u202e4pm.mp4",
+        "/media/\x00clip.mp4",
         "file:///etc/passwd",
         "file:/etc/passwd",
         "FILE:///etc/passwd",
@@ -348,6 +351,7 @@ def test_local_files_only_under_the_media_root_with_one_answer(runner, tmp_path)
     root = tmp_path / "media"
     (root / "sub").mkdir(parents=True)
     make_video(root / "clip.mp4", frames=10, fps=10)
+    make_video(root / "sub" / "car park, cam 2.mp4", frames=10, fps=10)
     secret = make_video(tmp_path / "secret.mp4", frames=10, fps=10).path
     (root / "escape.mp4").symlink_to(secret)
     (root / "inside.mp4").symlink_to(root / "clip.mp4")
@@ -365,6 +369,7 @@ def test_local_files_only_under_the_media_root_with_one_answer(runner, tmp_path)
         str(root / "missing.mp4"),
         "sub",
         "empty.mp4",
+        "sub/../../media/../secret.mp4",
     ]
     if os.geteuid() != 0:  # root reads a mode-000 file anyway
         probes.append("locked.mp4")
@@ -380,7 +385,8 @@ def test_local_files_only_under_the_media_root_with_one_answer(runner, tmp_path)
         status, body = answers["/etc/passwd"]
         assert (status, body["error"]["code"]) == (422, "source_unavailable")
         assert service.sessions == {}
-        for good in ("clip.mp4", str(root / "clip.mp4"), "inside.mp4", "sub/../clip.mp4"):
+        goods = ("clip.mp4", str(root / "clip.mp4"), "inside.mp4", "sub/car park, cam 2.mp4")
+        for good in goods:
             created = client.post("/v1/sessions", json={"source": good, "realtime": False})
             assert created.status_code == 201, (good, created.text)
             assert created.json()["source"] == good

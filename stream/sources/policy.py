@@ -2,9 +2,10 @@
 
 Every source that arrives over the network (POST /v1/sessions) passes `SourcePolicy.check`:
 
-- Syntax: printable ASCII without spaces, no percent-encoded control characters, a scheme from
-  the allow-list (rtsp, rtsps, http, https; any case), a well-formed host and port. The URL is
-  rebuilt from its parsed parts: FFmpeg never sees the string the client sent.
+- Syntax: no control characters anywhere; a URL is printable ASCII without spaces, has no
+  percent-encoded control characters, a scheme from the allow-list (rtsp, rtsps, http, https;
+  any case), a well-formed host and port. The URL is rebuilt from its parsed parts: FFmpeg
+  never sees the string the client sent.
 - Destination: the host is resolved once; every address must be public unless the operator
   allowed it (`allow`), and FFmpeg connects to the checked address, so a name that resolves
   elsewhere a moment later (DNS rebinding) changes nothing. For TLS the name is kept for SNI and
@@ -27,6 +28,7 @@ import os
 import re
 import socket
 import stat
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,17 +189,19 @@ def parse_source(source: str) -> SplitResult | None:
     repeat the source, which may carry a password.
     """
     for i, char in enumerate(source):
+        # Cc: C0/C1 controls (CR, LF, NUL...); Cf: invisible formatting (bidi overrides);
+        # Zl/Zp: Unicode line and paragraph separators.
+        if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
+            raise _bad(f"character {i} of the source is a control character")
+    if not _SCHEME.match(source):
+        return None  # a local path: spaces and non-ASCII letters are fine in file names
+    for i, char in enumerate(source):
         if not "!" <= char <= "~":
-            raise _bad(
-                f"character {i} of the source is a control character, a space or not ASCII; "
-                "percent-encode it"
-            )
+            raise _bad(f"character {i} of the URL is a space or not ASCII; percent-encode it")
     for match in _PERCENT.finditer(source):
         byte = int(match.group()[1:], 16)
         if byte < 0x20 or byte == 0x7F:
-            raise _bad(f"the source contains a percent-encoded control character ({match.group()})")
-    if not _SCHEME.match(source):
-        return None  # a local path
+            raise _bad(f"the URL contains a percent-encoded control character ({match.group()})")
     scheme = source.partition(":")[0].lower()
     if scheme not in SCHEMES:
         supported = ", ".join(f"{s}://" for s in SCHEMES)
