@@ -138,7 +138,8 @@ class LiveClock:
 
 
 class MediaServer:
-    """An HTTP server on 127.0.0.1 serving a folder, plus /live.m3u8 from a LiveClock.
+    """An HTTP(S) server on 127.0.0.1 (or `host`) serving a folder, plus /live.m3u8 from a
+    LiveClock, and /redirect?to=URL answering 302 to URL.
 
     stop() closes the listening socket; a new MediaServer on the same port (and the same clock)
     models the server coming back after an outage.
@@ -151,17 +152,19 @@ class MediaServer:
         clock: LiveClock | None = None,
         port: int = 0,
         tls: ssl.SSLContext | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         self.hosts: list[str] = []
         """The Host header of every request, in order."""
         handler = _handler(folder, clock, self.hosts)
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+        self._server = http.server.ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
         if tls is not None:
             # The handshake runs in accept(); a client that refuses the certificate makes it
             # raise, which the server counts as a failed accept and carries on.
             self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         self.scheme = "https" if tls is not None else "http"
+        self.host = host
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -169,8 +172,8 @@ class MediaServer:
         self._thread.start()
         self._stopped = False
 
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"{self.scheme}://{host}:{self.port}/{path}"
+    def url(self, path: str, host: str | None = None) -> str:
+        return f"{self.scheme}://{host or self.host}:{self.port}/{path}"
 
     def stop(self) -> None:
         if not self._stopped:
@@ -203,6 +206,13 @@ def _handler(
 
         def do_GET(self) -> None:
             hosts.append(self.headers.get("Host", ""))
+            path, _, query = self.path.partition("?")
+            if path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", query.removeprefix("to="))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if self.path.split("?")[0] == "/live.m3u8" and clock is not None:
                 body = clock.playlist().encode()
                 self.send_response(200)

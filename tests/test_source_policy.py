@@ -102,7 +102,10 @@ def test_malformed_or_foreign_sources_are_refused_before_anything_opens(source: 
 def test_the_url_is_rebuilt_and_the_scheme_normalised() -> None:
     target = operator_target("HTTP://Cam.Example:8080/live/index.m3u8?token=a%20b#part")
     assert target.url == "http://cam.example:8080/live/index.m3u8?token=a%20b"
-    assert target.is_network and target.options == {"protocol_whitelist": "http,https,tls,tcp"}
+    assert target.is_network and target.options == {
+        "protocol_whitelist": "http,https,tls,tcp",
+        "max_redirects": "0",
+    }
     rtsp = operator_target("RTSP://user:pw@10.1.2.3/stream1")
     assert rtsp.url == "rtsp://user:pw@10.1.2.3/stream1"
     assert rtsp.name == "rtsp://user:***@10.1.2.3/stream1"
@@ -238,6 +241,23 @@ def test_private_destinations_are_refused_by_the_app(runner) -> None:
         (only,) = answers
         assert only[0] == 403 and "source_not_allowed" in only[1]
         assert service.sessions == {}
+
+
+def test_a_redirect_cannot_lead_to_an_unchecked_destination(runner, tmp_path) -> None:
+    """An allowed server redirects to one that is not allowed (127.0.0.2: loopback, not in
+    the allow-list): FFmpeg must not follow."""
+    make_video(tmp_path / "clip.mp4", frames=10, fps=10)
+    with (
+        MediaServer(tmp_path) as allowed,
+        MediaServer(tmp_path, host="127.0.0.2") as internal,
+        running_app(runner, fast_config(None, pull=QUICK_FAIL)) as (client, _),
+    ):
+        source = allowed.url(f"redirect?to={internal.url('clip.mp4')}")
+        refused = client.post("/v1/sessions", json={"source": source})
+        assert refused.status_code == 422, refused.text
+        assert internal.hosts == [] and len(allowed.hosts) == 1
+        direct = client.post("/v1/sessions", json={"source": internal.url("clip.mp4")})
+        assert direct.status_code == 403  # what the redirect would have reached
 
 
 def test_an_hls_playlist_cannot_make_ffmpeg_read_local_files(runner, tmp_path) -> None:

@@ -11,7 +11,8 @@ Every source that arrives over the network (POST /v1/sessions) passes `SourcePol
   elsewhere a moment later (DNS rebinding) changes nothing. For TLS the name is kept for SNI and
   certificate verification (FFmpeg's `verifyhost`), for HTTP as the Host header.
 - FFmpeg may only use the protocols of the scheme (`protocol_whitelist`): a playlist or redirect
-  cannot make an rtsp:// or http:// source read `file:` or another protocol.
+  cannot make an rtsp:// or http:// source read `file:` or another protocol. HTTP redirects
+  are not followed (`max_redirects` 0): they would lead to an unchecked destination.
 - Local files only under the operator's media root; every file problem gets one answer, so a
   client cannot probe which files exist.
 
@@ -278,8 +279,11 @@ def _target(parts: SplitResult, ca_file: Path | None, *, connect_to: Address | N
             options["ca_file"] = str(ca_file)
         if named:
             options["verifyhost"] = host  # SNI and the certificate check use the name
-    if named and parts.scheme in ("http", "https"):
-        options["headers"] = f"Host: {host if port is None else f'{host}:{port}'}\r\n"
+    if parts.scheme in ("http", "https"):
+        # A redirect would lead FFmpeg to a destination nobody checked.
+        options["max_redirects"] = "0"
+        if named:
+            options["headers"] = f"Host: {host if port is None else f'{host}:{port}'}\r\n"
     name = mask_url(f"{parts.scheme}://{parts.netloc}{parts.path}")
     if parts.query:
         name += f"?{parts.query}"
