@@ -180,7 +180,7 @@ class SourcePolicy:
         except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: a symlink loop
             logger.warning("refused local file %r: %s", path, exc)
             raise SourceRefused(422, UNAVAILABLE, _FILE_UNAVAILABLE, str(exc)) from None
-        return PullTarget(url=f"file:{resolved}", name=path, is_network=False)
+        return _file_target(resolved, name=path)
 
 
 def parse_source(source: str) -> SplitResult | None:
@@ -242,8 +242,15 @@ def operator_target(source: str, ca_file: Path | None = None) -> PullTarget:
         raise SourceError(f"permission denied: {source}") from None
     except (OSError, ValueError) as exc:
         raise SourceError(f"cannot read {source}: {exc}") from None
-    # "file:" keeps a path with a colon in it from being read as a protocol name.
-    return PullTarget(url=f"file:{path.resolve()}", name=source, is_network=False)
+    return _file_target(path.resolve(), name=source)
+
+
+def _file_target(path: Path, *, name: str) -> PullTarget:
+    # "file:" keeps a path with a colon in it from being read as a protocol name; the whitelist
+    # keeps a playlist among the files from reaching the network.
+    return PullTarget(
+        url=f"file:{path}", name=name, is_network=False, options={"protocol_whitelist": "file"}
+    )
 
 
 def _readable_media_file(path: Path) -> None:
