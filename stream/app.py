@@ -174,9 +174,16 @@ def create_app(
 
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/sessions", status_code=201, tags=["sessions"])
+    @app.post(
+        "/v1/sessions",
+        status_code=201,
+        tags=["sessions"],
+        responses={403: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+    )
     async def create_session(body: PullRequest) -> JSONResponse:
-        """Start a pull session: RTSP, HLS, or a local file played as a live stream."""
+        """Start a pull session: RTSP, HLS, or a local file under the server's media root played
+        as a live stream. The source passes the source policy and is opened before the answer:
+        403 source_not_allowed, 422 bad_source, source_unavailable or source_unreadable."""
         session = await service.open_pull(body)
         return JSONResponse(
             service.describe(session),

@@ -265,6 +265,29 @@ def build_parser() -> argparse.ArgumentParser:
     from livelens.stream import limits
 
     limits.add_flags(serve)
+    serve.add_argument(
+        "--allow-source",
+        action="append",
+        default=[],
+        metavar="HOST|CIDR",
+        help="a host name or network that pull sources may reach although it is not public "
+        "(loopback, private, link-local); repeatable, also $LIVELENS_ALLOW_SOURCES "
+        "(comma-separated). Public addresses are always allowed",
+    )
+    serve.add_argument(
+        "--media-root",
+        default=None,
+        metavar="DIR",
+        help="pull sessions may play local files under DIR only (default $LIVELENS_MEDIA_ROOT; "
+        "none = no local files)",
+    )
+    serve.add_argument(
+        "--source-ca-file",
+        default=None,
+        metavar="PEM",
+        help="certificate authorities trusted for https:// and rtsps:// pull sources, e.g. a "
+        "private CA (default $LIVELENS_SOURCE_CA_FILE; none = the default trust store)",
+    )
     # Tests on one machine publish over 127.0.0.1, which aioice does not gather by default.
     serve.add_argument("--allow-loopback-ice", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])

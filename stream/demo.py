@@ -128,7 +128,7 @@ class LoopVideo:
     async def publish(self, service: LiveService) -> LiveSession:
         """Open the session `demo`: the video played in real time, in a loop."""
         request = PullRequest(source=str(self.path), realtime=True, loop=True)
-        session = await service.open_pull(request, session_id=DEMO_SESSION)
+        session = await service.open_pull(request, session_id=DEMO_SESSION, operator=True)
         stays = ", ".join(f"{v.start:.1f}-{v.end:.1f} s" for v in self.scene.object(TARGET).visible)
         logger.info(
             "session %r: generated scene %d, repeating every %g s; ask %r (the %s is visible "

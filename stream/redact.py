@@ -1,4 +1,7 @@
-"""Secrets out of log lines: credentials in query strings and passwords in URLs are masked.
+"""Secrets out of stored, returned and logged text: credentials in query strings and passwords
+in URLs are masked.
+
+`mask_url` masks one source URL before it is stored in a record, returned or logged.
 
 Defense in depth: clients should send keys in headers and websocket tickets expire at once,
 but an old script's `?token=` or a `redis://:password@host` URL must still never reach a log.
@@ -20,6 +23,17 @@ _QUERY_SECRET = re.compile(
 )
 # The password of `scheme://user:password@host` (Redis, RTSP cameras, proxies).
 _URL_PASSWORD = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^/\s:@]*:)[^@\s/]+@")
+
+
+# A URL's own userinfo password, anchored at its start: written as a pattern rather than with
+# urlsplit so that a URL too malformed to parse (one a client sent, about to be refused) is
+# masked as well.
+_USERINFO = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/?#:@]*):[^/?#]*@")
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password (rtsp://user:pass@camera/..., redis://:pass@host) as ***."""
+    return _USERINFO.sub(rf"\g<head>:{MASK}@", url, count=1)
 
 
 def redact(text: str) -> str:

@@ -35,12 +35,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+
+from livelens.stream.redact import mask_url
 
 logger = logging.getLogger(__name__)
 
@@ -105,16 +106,6 @@ def _created_order(record: SessionRecord) -> tuple[float, str]:
         return _epoch(record.created), record.id
     except ValueError:
         return 0.0, record.id
-
-
-def _redact(url: str) -> str:
-    """The URL with any password replaced, for log lines."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _stream_id(text: str) -> tuple[int, int]:
@@ -251,7 +242,7 @@ class Registry:
         self.retry_s = retry_s
         self.mirror_len = mirror_len
         self.keep_ended = keep_ended
-        self._shown_url = _redact(url) if url else ""
+        self._shown_url = mask_url(url) if url else ""
         self._client: aioredis.Redis | None = None
         self._online = False
         self._announced = False  # whether "redis is up" was the last thing the log said

@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +17,7 @@ import uvicorn
 
 if TYPE_CHECKING:
     from livelens.stream.service import LiveService
+    from livelens.stream.sources.policy import SourcePolicy
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +110,7 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         from livelens.stream.cli import UsageError
 
         raise UsageError(str(exc)) from None
+    sources = source_policy(args)
     redis_url = None if args.redis_url.lower() in ("", "none") else args.redis_url
 
     loaded = load_model(args.model, device=args.device)
@@ -123,6 +127,7 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         redis_url=redis_url,
         pull=PullConfig(give_up_after_s=give_up),
         limits=limits,
+        sources=sources,
     )
     whip = WhipSettings(
         allow_loopback=args.allow_loopback_ice,
@@ -156,3 +161,21 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             server.run()
     return 0 if server.started else 3  # 3: uvicorn's status for a failed start-up
+
+
+def source_policy(args: argparse.Namespace) -> SourcePolicy:
+    """The source policy from --allow-source, --media-root, --source-ca-file and their env vars."""
+    from livelens.stream.cli import UsageError
+    from livelens.stream.sources.policy import SourcePolicy, parse_allow_list
+
+    env = os.environ.get
+    media_root = args.media_root or env("LIVELENS_MEDIA_ROOT") or None
+    ca_file = args.source_ca_file or env("LIVELENS_SOURCE_CA_FILE") or None
+    try:
+        return SourcePolicy(
+            allow=parse_allow_list([*args.allow_source, env("LIVELENS_ALLOW_SOURCES", "")]),
+            media_root=Path(media_root).resolve() if media_root else None,
+            ca_file=Path(ca_file).resolve() if ca_file else None,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -33,12 +34,19 @@ from livelens.stream.registry import (
     validate_session_id,
 )
 from livelens.stream.sources.file import DecodedFrame
+from livelens.stream.sources.policy import PullTarget, SourcePolicy, SourceRefused, operator_target
 from livelens.stream.sources.pull import PullConfig, PullSource, SourceEvent
 from livelens.stream.thumbnails import DEFAULT_CAPACITY
 
 logger = logging.getLogger(__name__)
 
 DRAINING_MESSAGE = "the server is shutting down and admits no new work; try another node"
+SOURCE_FAILED = "the source could not be read (the server log has the details)"
+"""The reason a failed network pull session gives clients."""
+SOURCE_UNREADABLE = "the source could not be opened (the server log has the details)"
+"""The answer to a POST whose source does not open, whatever the cause."""
+# How much longer than the source's own open timeout a POST waits for the first open.
+_OPEN_GRACE_S = 2.0
 
 
 def default_node() -> str:
@@ -68,6 +76,8 @@ class ServiceConfig:
     pull: PullConfig = field(default_factory=PullConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     """Sessions held, questions queued, retention of ended sessions (and the HTTP limits)."""
+    sources: SourcePolicy = field(default_factory=SourcePolicy)
+    """Where network-given pull sources may lead (hosts, local files, trusted CAs)."""
 
     def __post_init__(self) -> None:
         # Refused here rather than as an "unsupported frame size" ending every session.
@@ -246,15 +256,17 @@ class LiveService:
         session.release_model()
 
     async def open_pull(
-        self, request: PullRequest, *, session_id: str | None = None
+        self, request: PullRequest, *, session_id: str | None = None, operator: bool = False
     ) -> LiveSession:
-        """Start pulling `request.source` in a thread; errors in the URL are refused here.
+        """Start pulling `request.source` in a thread; sources the policy refuses are refused here.
 
         session_id: a fixed id (see open_session), refused while another node holds a live
-        session by that id.
+        session by that id. operator: the source comes from the operator (`serve --demo`), not
+        from the network: syntax checked, not limited to the allowed hosts and media root.
         """
         if session_id is not None:
             await self._check_unclaimed(session_id)
+        checked = await self._target(request.source, operator=operator)
         config = PullConfig(
             reconnect_initial_s=self.config.pull.reconnect_initial_s,
             reconnect_max_s=self.config.pull.reconnect_max_s,
@@ -264,30 +276,46 @@ class LiveService:
             loop=request.loop,
         )
         assert self.loop is not None
-        loop = self.loop
-        target: list[LiveSession] = []  # the session, once the source is known to be valid
-
-        def on_frame(frame: DecodedFrame) -> None:
-            target[0].push(frame)
-
-        def on_event(event: SourceEvent) -> None:
-            loop.call_soon_threadsafe(self._pull_event, target[0], event)
-
-        try:
-            source = PullSource(request.source, on_frame=on_frame, on_event=on_event, config=config)
-        except (SourceError, ValueError) as exc:  # a URL or path we cannot pull
-            raise ServiceError(400, "bad_source", str(exc)) from None
-        session = self.open_session(
-            "pull",
-            request.source,
-            fps=request.fps,
-            prune_threshold=request.prune_threshold,
-            session_id=session_id,
+        handoff = _Handoff(self.loop, self._pull_event)
+        source = PullSource(
+            checked, on_frame=handoff.on_frame, on_event=handoff.on_event, config=config
         )
-        target.append(session)
-        self.pulls[session.id] = source
         source.start()
+        try:
+            # Checked up front: a source that cannot be opened is refused now, instead of
+            # leaving a session "starting" until the give-up time.
+            try:
+                first = await asyncio.wait_for(handoff.first, config.open_timeout_s + _OPEN_GRACE_S)
+            except TimeoutError:
+                first = None
+            if first is None or first.kind != "connected":
+                raise ServiceError(422, "source_unreadable", SOURCE_UNREADABLE)
+            session = self.open_session(
+                "pull",
+                source.name,
+                fps=request.fps,
+                prune_threshold=request.prune_threshold,
+                session_id=session_id,
+            )
+        except BaseException:  # refused, or the request was cancelled: no session, no source
+            handoff.detach()
+            await asyncio.to_thread(source.stop)
+            raise
+        self.pulls[session.id] = source
+        handoff.attach(session)
         return session
+
+    async def _target(self, source: str, *, operator: bool) -> PullTarget:
+        """The checked source (DNS is resolved in a thread); ServiceError if refused."""
+        policy = self.config.sources
+        try:
+            if operator:
+                return operator_target(source, policy.ca_file)
+            return await asyncio.to_thread(policy.check, source)
+        except SourceRefused as exc:
+            raise ServiceError(exc.status, exc.code, exc.message) from None
+        except SourceError as exc:  # the operator's own source: the exact reason
+            raise ServiceError(422, "bad_source", str(exc)) from None
 
     async def _check_unclaimed(self, session_id: str) -> None:
         """ServiceError 409 if another node's live session has this id in the registry."""
@@ -303,7 +331,12 @@ class LiveService:
 
     def _pull_event(self, session: LiveSession, event: SourceEvent) -> None:
         if event.kind == "failed":
-            session.finish(event.message, True)
+            source = self.pulls.get(session.id)
+            # Which way a network source failed (refused, timed out, not media) would tell a
+            # client which ports are open: the record says only that it failed; the source
+            # logged the details.
+            generic = source is not None and source.is_network
+            session.finish(SOURCE_FAILED if generic else event.message, True)
         elif event.kind == "ended":
             session.finish(event.message)
         elif event.kind == "gap" and event.gap is not None:
@@ -421,6 +454,56 @@ class LiveService:
             self.metrics.sessions.labels(state).set(n)
         self.metrics.kv_bytes.set(kv)
         self.metrics.redis_connected.set(1 if self.registry.connected else 0)
+
+
+class _Handoff:
+    """Links a pull source's thread to its session, which is created once the source opened.
+
+    The first event resolves `first`. Until attach() frames wait (the decode thread blocks for
+    the few milliseconds the session takes to open) and events are kept; after detach() (the
+    POST was refused) frames and events are dropped.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_event: Callable[[LiveSession, SourceEvent], None],
+    ) -> None:
+        self.loop = loop
+        self.first: asyncio.Future[SourceEvent] = loop.create_future()
+        self._deliver = on_event
+        self._session: LiveSession | None = None
+        self._pending: list[SourceEvent] = []
+        self._settled = threading.Event()
+
+    def on_frame(self, frame: DecodedFrame) -> None:
+        self._settled.wait()
+        if self._session is not None:
+            self._session.push(frame)
+
+    def on_event(self, event: SourceEvent) -> None:
+        self.loop.call_soon_threadsafe(self._event, event)
+
+    def _event(self, event: SourceEvent) -> None:
+        if not self.first.done():
+            self.first.set_result(event)
+        if self._session is not None:
+            self._deliver(self._session, event)
+        elif not self._settled.is_set():
+            self._pending.append(event)
+
+    def attach(self, session: LiveSession) -> None:
+        """On the loop: the session exists; kept events reach it, then frames flow."""
+        self._session = session
+        for event in self._pending:
+            self._deliver(session, event)
+        self._pending.clear()
+        self._settled.set()
+
+    def detach(self) -> None:
+        """The source was refused: nothing reaches a session."""
+        self._pending.clear()
+        self._settled.set()
 
 
 STATS_KEYS = (

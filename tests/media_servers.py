@@ -9,12 +9,15 @@ python3 (python3-gi is not in the venv); rtsp_unavailable() says why when it can
 
 from __future__ import annotations
 
+import datetime
 import http.server
+import ipaddress
 import logging
 import random
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -135,16 +138,33 @@ class LiveClock:
 
 
 class MediaServer:
-    """An HTTP server on 127.0.0.1 serving a folder, plus /live.m3u8 from a LiveClock.
+    """An HTTP(S) server on 127.0.0.1 (or `host`) serving a folder, plus /live.m3u8 from a
+    LiveClock, and /redirect?to=URL answering 302 to URL.
 
     stop() closes the listening socket; a new MediaServer on the same port (and the same clock)
     models the server coming back after an outage.
     """
 
-    def __init__(self, folder: Path, *, clock: LiveClock | None = None, port: int = 0) -> None:
-        handler = _handler(folder, clock)
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        clock: LiveClock | None = None,
+        port: int = 0,
+        tls: ssl.SSLContext | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.hosts: list[str] = []
+        """The Host header of every request, in order."""
+        handler = _handler(folder, clock, self.hosts)
+        self._server = http.server.ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
+        if tls is not None:
+            # The handshake runs in accept(); a client that refuses the certificate makes it
+            # raise, which the server counts as a failed accept and carries on.
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+        self.scheme = "https" if tls is not None else "http"
+        self.host = host
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -152,8 +172,8 @@ class MediaServer:
         self._thread.start()
         self._stopped = False
 
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{path}"
+    def url(self, path: str, host: str | None = None) -> str:
+        return f"{self.scheme}://{host or self.host}:{self.port}/{path}"
 
     def stop(self) -> None:
         if not self._stopped:
@@ -174,7 +194,9 @@ class MediaServer:
         self.stop()
 
 
-def _handler(folder: Path, clock: LiveClock | None) -> type[http.server.BaseHTTPRequestHandler]:
+def _handler(
+    folder: Path, clock: LiveClock | None, hosts: list[str]
+) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.SimpleHTTPRequestHandler):
         # HTTP/1.0: one request per connection, so stopping the server ends every transfer.
         protocol_version = "HTTP/1.0"
@@ -183,6 +205,14 @@ def _handler(folder: Path, clock: LiveClock | None) -> type[http.server.BaseHTTP
             super().__init__(*args, directory=str(folder), **kwargs)
 
         def do_GET(self) -> None:
+            hosts.append(self.headers.get("Host", ""))
+            path, _, query = self.path.partition("?")
+            if path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", query.removeprefix("to="))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if self.path.split("?")[0] == "/live.m3u8" and clock is not None:
                 body = clock.playlist().encode()
                 self.send_response(200)
@@ -197,6 +227,55 @@ def _handler(folder: Path, clock: LiveClock | None) -> type[http.server.BaseHTTP
             logger.debug("http %s: " + format, self.address_string(), *args)
 
     return Handler
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1 and its key: (cert.pem, key.pem).
+
+    It is its own CA, so the cert file doubles as the CA file that makes a client trust it.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server-side TLS context with this certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
 
 
 class TcpPeer:

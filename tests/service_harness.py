@@ -6,6 +6,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from livelens.model.runner import ModelRunner
 from livelens.stream.app import create_app
 from livelens.stream.auth import KeyRing
 from livelens.stream.service import LiveService, ServiceConfig
+from livelens.stream.sources.policy import SourcePolicy
 
 
 class SlowRunner(ModelRunner):
@@ -66,10 +68,22 @@ class SteeredRunner(ModelRunner):
         return logits
 
 
-def fast_config(redis_url: str | None, **changes: Any) -> ServiceConfig:
-    """Small, fast settings: 2 fps sampling, a small grid, quick status messages."""
+LOOPBACK = ("127.0.0.1", "::1")
+"""Where the tests' own media servers listen: allowed as pull destinations."""
+
+
+def fast_config(
+    redis_url: str | None, *, media_root: Path | None = None, **changes: Any
+) -> ServiceConfig:
+    """Small, fast settings: 2 fps sampling, a small grid, quick status messages; pull sources
+    on loopback, and local files under `media_root` (none without it)."""
     base = ServiceConfig(
-        fps=2.0, tokens_per_frame=16, status_interval_s=0.25, redis_url=redis_url, node="test-node"
+        fps=2.0,
+        tokens_per_frame=16,
+        status_interval_s=0.25,
+        redis_url=redis_url,
+        node="test-node",
+        sources=SourcePolicy(allow=LOOPBACK, media_root=media_root),
     )
     return replace(base, **changes)
 

@@ -42,8 +42,10 @@ STEERED = "From 0.5 to 1.0 seconds."
 
 
 @contextlib.contextmanager
-def live_server(runner: ModelRunner, redis_url: str | None) -> Iterator[tuple[str, LiveService]]:
-    service = LiveService(runner, fast_config(redis_url))
+def live_server(
+    runner: ModelRunner, redis_url: str | None, media_root: Path | None = None
+) -> Iterator[tuple[str, LiveService]]:
+    service = LiveService(runner, fast_config(redis_url, media_root=media_root))
     whip = WhipSettings(token=TOKEN, allow_loopback=True)  # loopback ICE: test-only
     with serve(create_app(service, token=TOKEN, whip=whip)) as url:
         yield url, service
@@ -57,8 +59,8 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def server(tiny_model, redis_server) -> Iterator[tuple[str, LiveService]]:
-    with live_server(SteeredRunner(tiny_model, STEERED), redis_server.url) as running:
+def server(tiny_model, redis_server, clip) -> Iterator[tuple[str, LiveService]]:
+    with live_server(SteeredRunner(tiny_model, STEERED), redis_server.url, clip.parent) as running:
         yield running
 
 
@@ -129,7 +131,7 @@ def test_publish_list_ask_history_and_delete(server, clip) -> None:
 
 
 def test_pull_session_thumbnails_watch_and_delete(tiny_model, clip) -> None:
-    with live_server(ModelRunner(tiny_model), None) as (url, _):
+    with live_server(ModelRunner(tiny_model), None, clip.parent) as (url, _):
 
         async def scenario() -> tuple[SessionInfo, list[Status], Any, bytes, SessionInfo]:
             async with LiveLensClient(url, token=TOKEN) as client:
@@ -155,7 +157,7 @@ def test_pull_session_thumbnails_watch_and_delete(tiny_model, clip) -> None:
 
 
 def test_blocking_client_in_plain_code_and_inside_a_running_loop(tiny_model, clip) -> None:
-    with live_server(SteeredRunner(tiny_model, STEERED), None) as (url, _):
+    with live_server(SteeredRunner(tiny_model, STEERED), None, clip.parent) as (url, _):
         # Plain synchronous code, as in a script.
         with LiveLensClient.blocking(url, token=TOKEN) as client:
             sid = client.start_pull(str(clip), loop=True).id
@@ -185,7 +187,7 @@ def test_blocking_client_in_plain_code_and_inside_a_running_loop(tiny_model, cli
 
 
 def test_errors_name_the_cause(tiny_model, clip) -> None:
-    with live_server(ModelRunner(tiny_model), None) as (url, _):
+    with live_server(ModelRunner(tiny_model), None, clip.parent) as (url, _):
 
         async def scenario() -> None:
             async with LiveLensClient(url, token="wrong") as client:
@@ -218,7 +220,7 @@ def test_errors_name_the_cause(tiny_model, clip) -> None:
                 assert (empty.value.status, empty.value.code) == (None, "empty_question")
                 with pytest.raises(ServerError) as bad:
                     await client.start_pull("/no/such/file.mp4")
-                assert (bad.value.status, bad.value.code) == (400, "bad_source")
+                assert (bad.value.status, bad.value.code) == (422, "source_unavailable")
                 with pytest.raises(ServerError) as bad:
                     await client.start_pull(str(clip), fps=100)
                 assert (bad.value.status, bad.value.code) == (422, "invalid_request")

@@ -44,16 +44,18 @@ STATUS_LINE = re.compile(
 
 
 @contextlib.contextmanager
-def live_server(runner: ModelRunner) -> Iterator[tuple[str, LiveService]]:
-    service = LiveService(runner, fast_config(None))
+def live_server(
+    runner: ModelRunner, media_root: Path | None = None
+) -> Iterator[tuple[str, LiveService]]:
+    service = LiveService(runner, fast_config(None, media_root=media_root))
     whip = WhipSettings(token=TOKEN, allow_loopback=True)  # loopback ICE: test-only
     with serve(create_app(service, token=TOKEN, whip=whip)) as url:
         yield url, service
 
 
 @pytest.fixture
-def server(tiny_model) -> Iterator[tuple[str, LiveService]]:
-    with live_server(SteeredRunner(tiny_model, STEERED)) as running:
+def server(tiny_model, clip) -> Iterator[tuple[str, LiveService]]:
+    with live_server(SteeredRunner(tiny_model, STEERED), clip.parent) as running:
         yield running
 
 
@@ -232,7 +234,7 @@ def test_publish_plays_a_file_to_its_end(server, second, capsys) -> None:
 
 
 def test_errors_are_one_line(tiny_model, clip, tmp_path, capsys) -> None:
-    with live_server(ModelRunner(tiny_model)) as (url, _):
+    with live_server(ModelRunner(tiny_model), clip.parent) as (url, _):
         sid = _pull(url, clip, loop=True)
         unknown = "f" * 32
         cases = [

@@ -457,10 +457,11 @@ def test_bad_sources_are_refused(tmp_path: Path) -> None:
         str(tmp_path / "missing.mp4"): "file not found",
         str(tmp_path): "is a directory",
         str(empty): r"empty file \(0 bytes\)",
-        "udp://127.0.0.1:5000": "unsupported source udp://",
-        "file:///tmp/x.mp4": "unsupported source file://",
-        "rtsp:///stream": "no host in rtsp:///stream",
+        "udp://127.0.0.1:5000": "unsupported scheme udp: use rtsp://",
+        "file:///tmp/x.mp4": "unsupported scheme file",
+        "rtsp:///stream": "no host in the rtsp:// URL",
         "http://[::1/x.m3u8": "malformed URL",
+        "rtsp://cam/x\r\nSET k v": "character 12 of the source is a control character",
     }
     for url, match in cases.items():
         with pytest.raises(SourceError, match=match):

@@ -225,6 +225,7 @@ def test_quickstarts_against_a_real_server(scratch, redis_server) -> None:
     token = dict([shlex.split(serve_lines[0])[1].split("=", 1)])["LIVELENS_TOKEN"]
     env["LIVELENS_TOKEN"] = token
     local = f" --port {port} --redis-url {redis_server.url} --device cpu --allow-loopback-ice"
+    local += " --allow-source 127.0.0.1"  # the RTSP server that stands in for camera.local
     serve_script = "\n".join(
         "exec " + line + local if line.startswith(".venv/bin/livelens serve") else line
         for line in serve_lines

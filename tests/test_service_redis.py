@@ -43,7 +43,7 @@ def _redis_state(url: str, sid: str) -> str | None:
 
 def test_redis_restart_during_a_session_loses_nothing(runner, tmp_path, redis_server) -> None:
     video = make_video(tmp_path / "v.mp4", frames=100, fps=10, pattern="moving_square")
-    config = fast_config(redis_server.url, redis_retry_s=0.2)
+    config = fast_config(redis_server.url, media_root=tmp_path, redis_retry_s=0.2)
     with running_app(runner, config) as (client, service):
         response = client.post(
             "/v1/sessions", json={"source": str(video.path), "realtime": True, "loop": True}
@@ -78,7 +78,7 @@ def test_redis_unreachable_at_start_then_arrives(runner, tmp_path, caplog) -> No
     port = free_port()
     server = RedisServer(tmp_path / "redis", port=port)
     video = make_video(tmp_path / "v.mp4", frames=20, fps=10, pattern="moving_square")
-    config = fast_config(server.url, redis_retry_s=0.2)
+    config = fast_config(server.url, media_root=tmp_path, redis_retry_s=0.2)
     caplog.set_level(logging.WARNING, logger="livelens")
     try:
         with running_app(runner, config) as (client, service):

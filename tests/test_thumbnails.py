@@ -75,7 +75,7 @@ def clip(tmp_path):
 
 
 def test_thumbnails_over_rest(tiny_model, clip, redis_server) -> None:
-    config = fast_config(redis_server.url, thumbnails=4)
+    config = fast_config(redis_server.url, media_root=clip.path.parent, thumbnails=4)
     with running_app(ModelRunner(tiny_model), config, token=TOKEN) as (client, service):
         body = client.post(
             "/v1/sessions", json={"source": str(clip.path), "realtime": False}, headers=AUTH

@@ -1,5 +1,8 @@
 """Pull a live source (RTSP, HLS or other HTTP stream, or a local file) and decode it in a thread.
 
+The source is a PullTarget that passed the source policy (sources/policy.py), or a string the
+operator gave, checked by the same rules without the destination limits.
+
 Every video frame is decoded and handed to `on_frame` with a media time that starts at 0.0 and
 only increases, across reconnects too: the first frame after an outage is placed at the last
 frame's time plus the wall-clock time the outage took, so the timeline keeps wall-clock meaning
@@ -17,25 +20,21 @@ from __future__ import annotations
 
 import logging
 import random
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import av
 import av.stream
 from av.container import InputContainer
 
-from livelens.stream.errors import SourceError
 from livelens.stream.sources.file import DecodedFrame, SourceStats
+from livelens.stream.sources.policy import PullTarget, operator_target
 
 logger = logging.getLogger(__name__)
 
-NETWORK_SCHEMES = frozenset({"rtsp", "rtsps", "http", "https"})
 EVENT_KINDS = frozenset({"connected", "gap", "reconnecting", "ended", "failed"})
 
 # Probe only half a second of a live stream when opening: FFmpeg's default (5 s) makes an HLS
@@ -161,17 +160,18 @@ class PullSource:
 
     def __init__(
         self,
-        url: str,
+        source: str | PullTarget,
         *,
         on_frame: Callable[[DecodedFrame], None],
         on_event: Callable[[SourceEvent], None],
         config: PullConfig | None = None,
     ) -> None:
-        self.url = url
-        self.name = _redact(url)
+        self.target = source if isinstance(source, PullTarget) else operator_target(source)
+        """What FFmpeg opens; the only place the real URL (and a camera's password) is kept."""
+        self.name = self.target.name
         """The URL with any password masked: what messages and logs show."""
         self.config = config if config is not None else PullConfig()
-        self.is_network = _check_source(url, self.name)
+        self.is_network = self.target.is_network
         self._on_frame = on_frame
         self._on_event = on_event
         self._stop = threading.Event()
@@ -322,14 +322,10 @@ class PullSource:
         raise _Failure(f"stream ended: {self.name}")
 
     def _open(self) -> _Connection:
-        if self.is_network:
-            target, timeout = self.url, self.config.open_timeout_s
-        else:
-            # "file:" keeps a path with a colon in it from being read as a protocol name.
-            target, timeout = "file:" + str(Path(self.url).resolve()), None
+        timeout = self.config.open_timeout_s if self.is_network else None
         try:
             container = av.open(
-                target,
+                self.target.url,
                 options=self._options(),
                 timeout=timeout,
                 metadata_errors="replace",
@@ -352,10 +348,10 @@ class PullSource:
 
     def _options(self) -> dict[str, str]:
         if not self.is_network:
-            return {}
+            return dict(self.target.options)
         timeout_us = str(round(self.config.open_timeout_s * 1e6))
-        options = {"analyzeduration": str(_LIVE_ANALYZE_US)}
-        if urlsplit(self.url).scheme.lower() in ("rtsp", "rtsps"):
+        options = {**self.target.options, "analyzeduration": str(_LIVE_ANALYZE_US)}
+        if self.target.url.startswith(("rtsp://", "rtsps://")):
             # TCP interleaving: no UDP ports to open, no loss; `timeout` is the socket timeout.
             options |= {"rtsp_transport": "tcp", "timeout": timeout_us}
         else:
@@ -592,50 +588,6 @@ class PullSource:
                 )
         else:
             logger.debug(msg, self.name, *args)
-
-
-def _check_source(url: str, name: str) -> bool:
-    """True for a network URL, False for a local file; SourceError for anything else."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        raise SourceError(f"malformed URL: {name}") from None
-    scheme = parts.scheme.lower() if "://" in url else ""
-    if scheme in NETWORK_SCHEMES:
-        if not parts.hostname:
-            raise SourceError(f"no host in {name}")
-        return True
-    if scheme:
-        supported = ", ".join(f"{s}://" for s in sorted(NETWORK_SCHEMES))
-        raise SourceError(f"unsupported source {name}: use {supported} or a local file path")
-    path = Path(url)
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise SourceError(f"file not found: {url}") from None
-    except PermissionError:
-        raise SourceError(f"permission denied: {url}") from None
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"cannot read {url}: {exc}") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise SourceError(f"is a directory, not a media file: {url}")
-    if stat.S_ISREG(info.st_mode) and info.st_size == 0:
-        raise SourceError(f"empty file (0 bytes): {url}")
-    return False
-
-
-def _redact(url: str) -> str:
-    """The URL with its password (rtsp://user:pass@camera/...) replaced by ***."""
-    if "://" not in url:
-        return url
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-    except ValueError:  # a malformed port or netloc: nothing to mask reliably
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def _reason(exc: BaseException) -> str:
