@@ -299,7 +299,10 @@ def clip(tmp_path):
 @contextlib.contextmanager
 def keyed_app(runner, tmp_path: Path, token: str | None = TOKEN):  # type: ignore[no-untyped-def]
     keys = KeyRing.from_token(token, write_keys(tmp_path / "keys"))
-    with running_app(runner, fast_config(None), keys=keys) as (client, service):
+    with running_app(runner, fast_config(None, media_root=tmp_path), keys=keys) as (
+        client,
+        service,
+    ):
         yield client, service
 
 
@@ -430,7 +433,7 @@ def test_keys_reload_endpoint_revokes_without_restart(runner, clip, tmp_path, ca
 
 
 def test_no_keys_at_all_still_means_an_open_server(runner, clip) -> None:
-    with running_app(runner, fast_config(None)) as (client, _):
+    with running_app(runner, fast_config(None, media_root=clip.path.parent)) as (client, _):
         session = _pull(client, clip)
         ticket = client.post(f"/v1/sessions/{session}/ticket").json()["ticket"]
         with client.websocket_connect(f"/v1/sessions/{session}/ws?ticket={ticket}") as ws:
@@ -439,7 +442,7 @@ def test_no_keys_at_all_still_means_an_open_server(runner, clip) -> None:
 
 def test_python_client_and_cli_explain_a_missing_scope(runner, clip, tmp_path, capsys) -> None:
     keys = KeyRing(path=write_keys(tmp_path / "keys"))
-    service = LiveService(runner, fast_config(None))
+    service = LiveService(runner, fast_config(None, media_root=tmp_path))
     with serve(create_app(service, keys=keys)) as url:
         with LiveLensClient.blocking(url, key=KEYS["ops"][1]) as admin:
             session = admin.start_pull(str(clip.path), realtime=False)

@@ -47,7 +47,7 @@ def test_ended_sessions_are_freed_by_count_and_by_age(runner, tmp_path, redis_se
     none; what was freed stays readable (record and history) from Redis."""
     clip = make_video(tmp_path / "short.mp4", frames=6, fps=10, pattern="moving_square")
     limits = _limits(max_held_sessions=3, ended_retention_s=2.0)
-    config = fast_config(redis_server.url, max_sessions=2, limits=limits)
+    config = fast_config(redis_server.url, max_sessions=2, limits=limits, media_root=tmp_path)
     with running_app(runner, config) as (client, service):
         opened: list[str] = []
         held_max = 0
@@ -95,7 +95,8 @@ def test_questions_are_capped_per_connection_and_per_session(
     video = make_video(tmp_path / "v.mp4", frames=20, fps=10, pattern="moving_square")
     runner = SlowRunner(tiny_model, prefill_delay=0.3)
     limits = _limits(max_questions_per_connection=2, max_questions_per_session=3)
-    with running_app(runner, fast_config(redis_server.url, limits=limits)) as (client, service):
+    config = fast_config(redis_server.url, limits=limits, media_root=tmp_path)
+    with running_app(runner, config) as (client, service):
         sid = client.post("/v1/sessions", json={"source": str(video.path)}).json()["id"]
         wait_for(lambda: service.sessions[sid].session is not None)
         path = f"/v1/sessions/{sid}/ws"
