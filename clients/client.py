@@ -208,7 +208,7 @@ class Status:
 
     session_id: str
     state: str
-    """starting, live, ended or failed."""
+    """starting, live, stalled (live, but no frames lately), ended or failed."""
     reason: str | None
     frames_received: int
     frames_sampled: int

@@ -253,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 300)",
     )
     serve.add_argument("--status-interval", default="2", help="seconds between status messages")
+    serve.add_argument(
+        "--stall-after",
+        default="5",
+        help="seconds without a frame after which a live session shows `stalled` (default 5)",
+    )
     serve.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     serve.add_argument(
         "--cors-origin", default="*", help="Access-Control-Allow-Origin for WHIP (default *)"

@@ -81,6 +81,7 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
     fps = number("--fps", args.fps, zero_ok=False)
     threshold = number("--prune-threshold", args.prune_threshold, zero_ok=True)
     interval = number("--status-interval", args.status_interval, zero_ok=False)
+    stall_after = number("--stall-after", args.stall_after, zero_ok=False)
     give_up = number("--pull-give-up", args.pull_give_up, zero_ok=False)
     for flag, value in (
         ("--port", args.port),
@@ -124,6 +125,7 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         max_sessions=args.max_sessions,
         thumbnails=args.thumbnails,
         status_interval_s=interval,
+        stall_after_s=stall_after,
         redis_url=redis_url,
         pull=PullConfig(give_up_after_s=give_up),
         limits=limits,

@@ -69,6 +69,10 @@ class ServiceConfig:
     """Live sessions this node accepts; more are refused with 503."""
     status_interval_s: float = 2.0
     """Seconds between status messages, registry heartbeats and metric refreshes."""
+    stall_after_s: float = 5.0
+    """Seconds without a decoded frame after which a live session shows `stalled` (checked on
+    each status tick). Below WHIP's 10 s disconnect grace, so a dead publisher is seen stalled
+    before its session ends."""
     redis_url: str | None = "redis://localhost:6379/0"
     redis_retry_s: float = 2.0
     """Seconds between reconnection attempts while Redis is unreachable."""
@@ -85,6 +89,8 @@ class ServiceConfig:
             raise ValueError(
                 f"tokens_per_frame must be >= {MIN_TOKENS_PER_FRAME}, got {self.tokens_per_frame}"
             )
+        if not self.stall_after_s > 0:
+            raise ValueError(f"stall_after_s must be > 0, got {self.stall_after_s}")
         if self.limits.max_held_sessions < self.max_sessions:
             raise ValueError(
                 f"limits.max_held_sessions ({self.limits.max_held_sessions}) must be >= "
@@ -434,9 +440,10 @@ class LiveService:
         """Push status to watchers, refresh the registry and the gauges, expire old KV."""
         assert self.registry is not None
         now = time.time()
-        counts = dict.fromkeys(("starting", "live", "ended", "failed"), 0)
+        counts = dict.fromkeys((s.label for s in State), 0)
         kv = 0
         for session in list(self.sessions.values()):
+            session.check_stalled(self.config.stall_after_s)
             counts[session.state.label] += 1
             if session.session is not None:
                 kv += session.session.kv_bytes()
