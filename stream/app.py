@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from livelens.clients import CONSOLE_DIR
+from livelens.model.session import SessionError
 from livelens.stream.live import LiveSession, Watcher, iso
 from livelens.stream.protocol import (
     AskMessage,
@@ -308,7 +310,13 @@ def create_app(
                     )
                     continue
                 if isinstance(parsed, AskMessage):
-                    session.ask(watcher, parsed)
+                    try:
+                        session.ask(watcher, parsed)
+                    except SessionError as exc:  # a limit of the model session itself
+                        refusal = ErrorMessage(
+                            id=parsed.id, code="invalid_message", message=str(exc)
+                        )
+                        watcher.send(dump(refusal))
                 elif not session.cancel(watcher, parsed.id):
                     watcher.send(
                         dump(
@@ -337,7 +345,15 @@ async def _send_loop(websocket: WebSocket, watcher: Watcher) -> None:
             if message is None:
                 await websocket.close(CLOSE_TOO_SLOW, "client reads too slowly")
                 return
-            await websocket.send_json(message)
+            try:
+                text = json.dumps(message, ensure_ascii=False, allow_nan=False)
+                text.encode()
+            except (TypeError, ValueError) as exc:
+                # One message that cannot be sent must not end the sender: the socket would
+                # still take questions but never answer again.
+                logger.warning("dropped an unsendable websocket message: %s", exc)
+                continue
+            await websocket.send_text(text)
     except (WebSocketDisconnect, RuntimeError):
         return  # the client went away; the receive side notices too
 

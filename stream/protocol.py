@@ -15,8 +15,14 @@ from livelens.model.session import MAX_QUESTION_CHARS
 
 MAX_MESSAGE_BYTES = 16 * 1024
 """A client message larger than this is refused without being parsed."""
+MAX_JSON_DEPTH = 8
+"""Deepest nesting of arrays/objects a client message may have (ours are flat: depth 1)."""
 MAX_NEW_TOKENS = 1024
 MAX_ID_CHARS = 64
+MAX_TOP_K = 1 << 20
+"""top_k above any vocabulary size means no top-k filtering; larger values are refused."""
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+"""Seeds torch.Generator.manual_seed accepts: any signed or unsigned 64-bit integer."""
 
 
 class ProtocolError(ValueError):
@@ -30,7 +36,8 @@ class ProtocolError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinities are never meaningful here, and NaN slips through range checks.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # ------------------------------------------------------------------------------ client messages
@@ -43,8 +50,8 @@ class AskMessage(_Strict):
     max_new_tokens: int = Field(default=128, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
-    seed: int | None = None
+    top_k: int = Field(default=0, ge=0, le=MAX_TOP_K)
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     repetition_penalty: float | None = Field(
         default=None,
         gt=0.0,
@@ -66,15 +73,27 @@ CLIENT_TYPES = ("ask", "cancel")
 
 
 def parse_client_message(raw: str | bytes) -> AskMessage | CancelMessage:
-    """Parse one websocket message, or raise ProtocolError with a stable code."""
-    size = len(raw.encode() if isinstance(raw, str) else raw)
+    """Parse one websocket message, or raise ProtocolError with a stable code.
+
+    Size and nesting depth are checked before the JSON parser runs, and every string must be
+    encodable as UTF-8 (JSON escapes can spell lone surrogates, which no reply could echo).
+    """
+    size = len(raw.encode(errors="surrogatepass") if isinstance(raw, str) else raw)
     if size > MAX_MESSAGE_BYTES:
         raise ProtocolError(
             "message_too_large", f"message has {size} bytes; the limit is {MAX_MESSAGE_BYTES}"
         )
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise ProtocolError(
+            "message_too_deep", f"message nests deeper than {MAX_JSON_DEPTH} levels"
+        )
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeError:
+        raise ProtocolError("invalid_json", "message is not valid UTF-8 text") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers longer than Python converts.
         raise ProtocolError("invalid_json", f"message is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ProtocolError("invalid_message", "message must be a JSON object")
@@ -83,7 +102,7 @@ def parse_client_message(raw: str | bytes) -> AskMessage | CancelMessage:
     if kind not in CLIENT_TYPES:
         raise ProtocolError(
             "unknown_type",
-            f"unknown message type {kind!r}; expected one of {', '.join(CLIENT_TYPES)}",
+            f"unknown message type {kind!r:.40}; expected one of {', '.join(CLIENT_TYPES)}",
             message_id,
         )
     try:
@@ -103,6 +122,33 @@ def parse_client_message(raw: str | bytes) -> AskMessage | CancelMessage:
                 message_id,
             )
     return message
+
+
+def json_depth(raw: str | bytes) -> int:
+    """How deeply arrays and objects nest in a JSON text, counted without parsing it.
+
+    Brackets inside strings do not count; the text need not be valid JSON. Linear time and
+    constant memory, so it is safe on any input the size check let through.
+    """
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    return deepest
 
 
 # ------------------------------------------------------------------------------ server messages
