@@ -9,6 +9,7 @@ leaves. Audio is never received: audio sections are answered inactive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import re
@@ -16,7 +17,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import fastapi
 from aiortc import (
@@ -28,19 +29,26 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.codecs import CODECS, is_rtx
-from aiortc.exceptions import InvalidAccessError, OperationError
 from aiortc.rtcdtlstransport import RTCCertificate
 from aiortc.rtcpeerconnection import is_codec_compatible
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability, RTCRtpCodecParameters
-from aiortc.sdp import SessionDescription, candidate_from_sdp
+from aiortc.sdp import SessionDescription
 from OpenSSL import SSL
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from livelens.stream.sdp_checks import (
+    DIRECTIONS,
+    check_direction,
+    check_mids,
+    check_setup,
+    parse_candidate,
+)
 from livelens.stream.sources.file import DecodedFrame
 from livelens.stream.sources.webrtc import WebRTCSource
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 SDP_TYPE = "application/sdp"
 TRICKLE_TYPE = "application/trickle-ice-sdpfrag"
@@ -73,7 +81,6 @@ _LOOPBACK = "127.0.0.1"
 _NOT_MEDIA_CODECS = {"rtx", "red", "ulpfec", "flexfec-03"}
 # Payload types whose codec RFC 3551 fixes, so offers may omit their a=rtpmap.
 _STATIC_PAYLOAD_TYPES = {0: ("PCMU", 8000), 8: ("PCMA", 8000), 9: ("G722", 8000)}
-_DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
 
 
 class FrameSink(Protocol):
@@ -255,6 +262,14 @@ def _malformed(message: str) -> WhipError:
     return WhipError(400, "malformed_sdp", message)
 
 
+def _check(rule: Callable[..., _T], *args: Any) -> _T:
+    """Apply one of sdp_checks' rules; its ValueError becomes a 400 malformed_sdp."""
+    try:
+        return rule(*args)
+    except ValueError as exc:
+        raise _malformed(str(exc)) from None
+
+
 def _sdp_lines(text: str) -> list[str]:
     return [line for line in text.replace("\r\n", "\n").split("\n") if line.strip()]
 
@@ -367,8 +382,8 @@ def validate_offer(sdp: str) -> OfferInfo:
         if not usable:
             unusable.append(f"{section.kind} m-section {index} offers {_describe(codecs)}")
             continue
-        direction = next((d for d in _DIRECTIONS if section.has(d)), None)
-        direction = direction or next((d for d in _DIRECTIONS if session.has(d)), "sendrecv")
+        direction = next((d for d in DIRECTIONS if section.has(d)), None)
+        direction = direction or next((d for d in DIRECTIONS if session.has(d)), "sendrecv")
         sends = section.port != 0 and direction in ("sendonly", "sendrecv")
         if section.kind == "video" and sends and chosen is None:
             chosen = (index, usable[0])
@@ -387,12 +402,13 @@ def validate_offer(sdp: str) -> OfferInfo:
         )
     if chosen is None:
         raise WhipError(406, "no_video", "no video m-section is sent (sendonly or sendrecv)")
+    _check_structure(session, media)
     # Last, aiortc's own parser: whatever it would choke on is the offer's fault (400), and
     # must be found before a peer connection exists.
     try:
         SessionDescription.parse(sdp)
     except Exception as exc:
-        raise _malformed(f"SDP the WebRTC stack cannot parse: {exc}") from None
+        raise _malformed(f"SDP the WebRTC stack cannot parse: {_reason(exc)}") from None
     first = media[0]
     bundle = next(
         (g.split()[1:] for g in session.values("group") if g.split()[:1] == ["BUNDLE"]), []
@@ -406,6 +422,20 @@ def validate_offer(sdp: str) -> OfferInfo:
         ice_ufrag=str(first.first("ice-ufrag") or session.first("ice-ufrag")),
         candidates=sum(len(section.values("candidate")) for section in media),
     )
+
+
+def _check_structure(session: _Section, media: list[_Section]) -> None:
+    """What aiortc assumes without checking: mids, BUNDLE, DTLS role, direction, candidates."""
+    for index, section in enumerate(media):
+        where = f"m-section {index} ({section.kind})"
+        _check(check_setup, where, section.values("setup") or session.values("setup"))
+        _check(check_direction, where, [d for d in DIRECTIONS if section.has(d)])
+        for value in section.values("candidate"):
+            _check(parse_candidate, value.strip())
+    _check(check_direction, "the session part", [d for d in DIRECTIONS if session.has(d)])
+    groups = [g.strip() for g in session.values("group")]
+    bundles = [g.removeprefix("BUNDLE") for g in groups if g.split()[:1] == ["BUNDLE"]]
+    _check(check_mids, [section.values("mid") for section in media], bundles)
 
 
 def add_bitrate_hints(answer_sdp: str, min_kbps: int, start_kbps: int, max_kbps: int) -> str:
@@ -628,15 +658,12 @@ class WhipIngest:
         try:
             answer = await self._negotiate(peer, offer, offer_sdp, local_codec)
         except Exception as exc:
-            # What the offer check let through but aiortc refused is the offer's fault (400).
-            status = (
-                400 if isinstance(exc, ValueError | OperationError | InvalidAccessError) else 500
-            )
-            logger.warning("WHIP offer from %s failed to negotiate: %s", source_desc, exc)
-            await self._end(peer, f"WebRTC negotiation failed: {exc}", failed=True)
-            raise WhipError(
-                status, "negotiation_failed", f"WebRTC negotiation failed: {exc}"
-            ) from None
+            # aiortc answers from the offer alone, so whatever it raises on an offer that
+            # passed validate_offer is the offer's fault: 400, logged without a traceback.
+            reason = f"WebRTC negotiation failed: {_reason(exc)}"
+            logger.warning("WHIP offer from %s: %s", source_desc, reason)
+            await self._end(peer, reason, failed=True)
+            raise WhipError(400, "negotiation_failed", reason) from None
         self._peers[peer.session_id] = peer
         peer.tasks = [
             asyncio.create_task(self._drain(peer), name=f"whip-drain-{peer.session_id}"),
@@ -661,17 +688,27 @@ class WhipIngest:
             raise WhipError(
                 422, "ice_restart_unsupported", "ICE restarts are not supported; publish again"
             )
+        candidates = []
         for mid, value in trickle.candidates:
             try:
-                candidate = candidate_from_sdp(value)
-            except (ValueError, IndexError) as exc:
+                candidate = parse_candidate(value)
+            except ValueError as exc:
                 raise _malformed(f"unparsable candidate {value[:80]!r}: {exc}") from None
-            if candidate.protocol.lower() != "udp":
-                continue  # aioice connects over UDP only
-            candidate.sdpMid, candidate.sdpMLineIndex = _transport_of(peer.offer, mid)
-            await peer.pc.addIceCandidate(candidate)
-        if trickle.end_of_candidates:
-            await peer.pc.addIceCandidate(None)
+            # aioice connects over UDP only, and with rtcp-mux (required) on component 1 only.
+            if candidate.protocol.lower() == "udp" and candidate.component == 1:
+                candidate.sdpMid, candidate.sdpMLineIndex = _transport_of(peer.offer, mid)
+                candidates.append(candidate)
+        # Checked all before adding any, so a refused fragment changes nothing.
+        try:
+            for candidate in candidates:
+                await peer.pc.addIceCandidate(candidate)
+            if trickle.end_of_candidates:
+                await peer.pc.addIceCandidate(None)
+        except Exception as exc:
+            logger.warning("WHIP session %s: candidate refused: %s", session_id, _reason(exc))
+            raise WhipError(
+                422, "candidate_refused", f"candidate refused: {_reason(exc)}"
+            ) from None
 
     async def delete(self, session_id: str) -> None:
         """The publisher ended the publication (HTTP DELETE)."""
@@ -798,12 +835,40 @@ class WhipIngest:
             peer.sink.finish(reason, failed=failed)
         except Exception:
             logger.exception("WHIP session %s: sink.finish failed", peer.session_id)
-        await peer.pc.close()
+        await close_peer_connection(peer.pc)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+async def close_peer_connection(pc: RTCPeerConnection) -> None:
+    """Close a peer connection, even one aiortc left half-built; never raises.
+
+    RTCPeerConnection.close() stops every transceiver's transports in turn and raises on the
+    first one missing (a negotiation that failed midway), leaving the rest, with their UDP
+    sockets, open. Then each transport that exists is stopped here, one at a time.
+    """
+    try:
+        await pc.close()
+        return
+    except Exception as exc:
+        logger.warning("closing a peer connection failed (%s); stopping its parts", _reason(exc))
+    dtls_transports = [t.receiver.transport for t in pc.getTransceivers()]
+    if pc.sctp is not None:
+        dtls_transports.append(pc.sctp.transport)
+    for dtls in {id(t): t for t in dtls_transports if t is not None}.values():
+        for part in (dtls, dtls.transport):
+            with contextlib.suppress(Exception):
+                await part.stop()
+    pc.remove_all_listeners()
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for an exception, even one without a message (aiortc's bare asserts)."""
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _transport_of(offer: OfferInfo, mid: str | None) -> tuple[str | None, int]:
