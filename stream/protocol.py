@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from livelens.model.session import MAX_QUESTION_CHARS
+from livelens.model.session import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MIN_TEMPERATURE
 
 MAX_MESSAGE_BYTES = 16 * 1024
 """A client message larger than this is refused without being parsed."""
 MAX_JSON_DEPTH = 8
 """Deepest nesting of arrays/objects a client message may have (ours are flat: depth 1)."""
-MAX_NEW_TOKENS = 1024
 MAX_ID_CHARS = 64
 MAX_TOP_K = 1 << 20
 """top_k above any vocabulary size means no top-k filtering; larger values are refused."""
@@ -58,6 +57,13 @@ class AskMessage(_Strict):
         le=10.0,
         description="default: the checkpoint's generation_config.json value (1.0 = off)",
     )
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_warm_enough(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+        return value
 
 
 class CancelMessage(_Strict):

@@ -13,6 +13,7 @@ from livelens.stream.protocol import (
     AskMessage,
     CancelMessage,
     ErrorMessage,
+    ProtocolError,
     PullRequest,
     StatusMessage,
     TokenMessage,
@@ -86,6 +87,8 @@ def test_every_json_example_in_the_api_doc_validates() -> None:
             "invalid_message",
         ),
         ('{"type": "ask", "id": "a", "question": "q", "top_p": NaN}', "invalid_message"),
+        # logits / 1e-300 overflows to inf: NaN probabilities inside the model worker.
+        ('{"type": "ask", "id": "a", "question": "q", "temperature": 1e-300}', "invalid_message"),
         ('{"type": "ask", "id": "a", "question": "q", "temperature": Infinity}', "invalid_message"),
     ],
 )
@@ -119,3 +122,25 @@ def test_extreme_but_valid_values_are_accepted() -> None:
         raw = json.dumps({"type": "ask", "id": "a", "question": "q", "seed": seed})
         message = parse_client_message(raw)
         assert isinstance(message, AskMessage) and message.seed == seed
+
+
+def test_one_limit_for_answer_length_and_temperature() -> None:
+    """The websocket and the model session accept exactly the same values (one definition)."""
+    from livelens.model.session import MAX_NEW_TOKENS, MIN_TEMPERATURE, SamplingParams, SessionError
+
+    def ask(**fields: object) -> AskMessage | CancelMessage:
+        return parse_client_message(
+            json.dumps({"type": "ask", "id": "a", "question": "q", **fields})
+        )
+
+    assert (
+        ask(max_new_tokens=MAX_NEW_TOKENS).max_new_tokens
+        == SamplingParams(max_new_tokens=MAX_NEW_TOKENS).max_new_tokens
+    )
+    for refused in ({"max_new_tokens": MAX_NEW_TOKENS + 1}, {"temperature": MIN_TEMPERATURE / 2}):
+        with pytest.raises(ProtocolError):
+            ask(**refused)
+        with pytest.raises(SessionError):
+            SamplingParams(**refused)  # type: ignore[arg-type]
+    assert ask(temperature=MIN_TEMPERATURE).temperature == MIN_TEMPERATURE
+    assert ask(temperature=0).temperature == 0
