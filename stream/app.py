@@ -94,6 +94,7 @@ def create_app(
         responses={
             401: {"model": ErrorResponse},
             404: {"model": ErrorResponse},
+            422: {"model": ErrorResponse},
         },
     )
     app.state.service = service
@@ -164,7 +165,12 @@ def create_app(
 
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/sessions", status_code=201, tags=["sessions"])
+    @app.post(
+        "/v1/sessions",
+        status_code=201,
+        tags=["sessions"],
+        responses={s: {"model": ErrorResponse} for s in (400, 403, 409, 503)},
+    )
     async def create_session(body: PullRequest) -> JSONResponse:
         """Start a pull session: RTSP, HLS, or a local file played as a live stream."""
         session = await service.open_pull(body)
@@ -187,7 +193,9 @@ def create_app(
             record["status"] = session.status()
         return record
 
-    @app.delete("/v1/sessions/{session_id}", tags=["sessions"])
+    @app.delete(
+        "/v1/sessions/{session_id}", tags=["sessions"], responses={409: {"model": ErrorResponse}}
+    )
     async def delete_session(session_id: str) -> dict[str, Any]:
         """End a session of this node and free its KV cache; its history stays readable."""
         if not await service.delete(session_id):
@@ -213,7 +221,11 @@ def create_app(
             raise ServiceError(404, "unknown_session", f"no session {session_id!r}")
         return record
 
-    @app.get("/v1/sessions/{session_id}/thumbnails", tags=["sessions"])
+    @app.get(
+        "/v1/sessions/{session_id}/thumbnails",
+        tags=["sessions"],
+        responses={s: {"model": ErrorResponse} for s in (409, 410)},
+    )
     async def thumbnails(
         session_id: str,
         start: float | None = Query(default=None, description="media seconds, inclusive"),
@@ -244,7 +256,10 @@ def create_app(
         "/v1/sessions/{session_id}/thumbnail",
         tags=["sessions"],
         response_class=Response,
-        responses={200: {"content": {"image/jpeg": {}}}},
+        responses={
+            200: {"content": {"image/jpeg": {}}},
+            **{s: {"model": ErrorResponse} for s in (409, 410)},
+        },
     )
     async def thumbnail(
         session_id: str, at: float = Query(description="media seconds; the nearest kept frame")

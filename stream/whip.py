@@ -37,6 +37,7 @@ from OpenSSL import SSL
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from livelens.stream.protocol import ErrorResponse
 from livelens.stream.sdp_checks import (
     DIRECTIONS,
     check_direction,
@@ -943,15 +944,31 @@ def whip_router(
             headers["Link"] = links
         return Response(status_code=204, headers=headers)
 
-    @router.options("")
+    preflight_route = {
+        "status_code": 204,
+        "response_class": Response,
+        "responses": {204: {"description": "CORS preflight: allowed methods and headers"}},
+    }
+
+    @router.options("", **preflight_route)
     async def options_endpoint() -> Response:
         return preflight("OPTIONS, POST", {"Accept-Post": SDP_TYPE})
 
-    @router.options("/{session_id}")
+    @router.options("/{session_id}", **preflight_route)
     async def options_session(session_id: str) -> Response:
         return preflight("OPTIONS, PATCH, DELETE")
 
-    @router.post("")
+    @router.post(
+        "",
+        status_code=201,
+        response_class=Response,
+        summary="Publish: an SDP offer in, the SDP answer out (RFC 9725)",
+        responses={
+            201: {"description": "the SDP answer", "content": {SDP_TYPE: _TEXT}},
+            **_errors(400, 401, 406, 413, 415, 503),
+        },
+        openapi_extra=_text_body(SDP_TYPE),
+    )
     async def publish(request: Request) -> Response:
         try:
             offer = await body(request, SDP_TYPE)
@@ -970,7 +987,14 @@ def whip_router(
             headers["Link"] = links
         return Response(publication.answer_sdp, 201, headers=headers, media_type=SDP_TYPE)
 
-    @router.patch("/{session_id}")
+    @router.patch(
+        "/{session_id}",
+        status_code=204,
+        response_class=Response,
+        summary="Trickle ICE candidates (RFC 8840 SDP fragment)",
+        responses=_errors(400, 401, 404, 412, 413, 415, 422),
+        openapi_extra=_text_body(TRICKLE_TYPE),
+    )
     async def trickle(session_id: str, request: Request) -> Response:
         try:
             fragment = await body(request, TRICKLE_TYPE)
@@ -979,7 +1003,12 @@ def whip_router(
             return error(exc)
         return Response(status_code=204, headers=cors)
 
-    @router.delete("/{session_id}")
+    @router.delete(
+        "/{session_id}",
+        response_class=Response,
+        summary="End the publication",
+        responses={200: {"description": "ended"}, **_errors(401, 404)},
+    )
     async def delete(session_id: str, request: Request) -> Response:
         try:
             _authorize(request, settings.token)
@@ -989,6 +1018,19 @@ def whip_router(
         return Response(status_code=200, headers=cors)
 
     return router
+
+
+_TEXT = {"schema": {"type": "string"}}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses for error statuses, each with the app's JSON error body."""
+    return {status: {"model": ErrorResponse, "description": "refused"} for status in statuses}
+
+
+def _text_body(media_type: str) -> dict[str, Any]:
+    """OpenAPI request body of a route that reads the raw body itself (SDP, not JSON)."""
+    return {"requestBody": {"required": True, "content": {media_type: _TEXT}}}
 
 
 def _authorize(request: Request, token: str | None) -> None:
