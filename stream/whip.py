@@ -253,6 +253,8 @@ class _Section:
 
 
 _SDP_LINE = re.compile(r"([a-z])=(.*)")
+_SESSION_ONLY = "vost"
+"""Line types of the session part only (version, origin, session name; timing may repeat)."""
 _M_LINE = re.compile(r"([a-z]+) (\d+)(?:/\d+)? ([A-Za-z0-9/]+)((?: \S+)*)")
 _RTPMAP = re.compile(r"(\d{1,3}) ([A-Za-z0-9._-]+)/(\d+)(?:/\d+)?")
 _FMTP = re.compile(r"(\d{1,3})(?: (.*))?")
@@ -285,6 +287,7 @@ def _parse_sdp(sdp: str) -> tuple[_Section, list[_Section]]:
     session = _Section()
     media: list[_Section] = []
     current = session
+    seen: set[str] = set()
     for number, line in enumerate(lines, start=1):
         match = _SDP_LINE.fullmatch(line.rstrip())
         if match is None:
@@ -296,6 +299,11 @@ def _parse_sdp(sdp: str) -> tuple[_Section, list[_Section]]:
                 raise _malformed(f"line {number}: unparsable m= line: {value[:60]!r}")
             current = _Section(m[1], int(m[2]), tuple(m[4].split()))
             media.append(current)
+        elif kind in _SESSION_ONLY:
+            # aiortc's parser asserts on these out of place or twice; found by the fuzz suite.
+            if media or (kind != "t" and kind in seen):
+                raise _malformed(f"line {number}: {kind}= belongs once, before the first m= line")
+            seen.add(kind)
         elif kind == "a":
             name, sep, attr_value = value.partition(":")
             current.attributes.append((name, attr_value if sep else None))

@@ -1083,6 +1083,8 @@ HOSTILE_OFFERS = [
     ("duplicate mids, no BUNDLE", lambda o: two_videos(o, "0", "0", "0 0 x"), 400),
     ("no a=setup", lambda o: o.replace("a=setup:actpass\r\n", ""), 400),
     ("two directions", lambda o: o.replace("a=sendonly", "a=sendonly\r\na=recvonly"), 400),
+    ("o= in a media section", lambda o: o.replace("a=sendonly", "o=- 1 1 IN IP4 0.0.0.0"), 400),
+    ("s= twice", lambda o: o.replace("s=-\r\n", "s=-\r\ns=-\r\n"), 400),
     (
         "candidate port 99999",
         lambda o: re.sub(
