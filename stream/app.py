@@ -28,12 +28,12 @@ from livelens.stream.live import LiveSession, Watcher, iso
 from livelens.stream.protocol import (
     AskMessage,
     ErrorMessage,
-    ErrorResponse,
     ProtocolError,
     PullRequest,
     ThumbnailList,
     ThumbnailOut,
     dump,
+    error_responses,
     parse_client_message,
 )
 from livelens.stream.service import LiveService, ServiceError
@@ -91,11 +91,7 @@ def create_app(
         summary="Ask questions about live video; answers come with timestamps.",
         version="0.1.0",
         lifespan=lifespan,
-        responses={
-            401: {"model": ErrorResponse},
-            404: {"model": ErrorResponse},
-            422: {"model": ErrorResponse},
-        },
+        responses=error_responses(401, 404, 422),
     )
     app.state.service = service
     app.state.ingest = ingest
@@ -169,7 +165,7 @@ def create_app(
         "/v1/sessions",
         status_code=201,
         tags=["sessions"],
-        responses={s: {"model": ErrorResponse} for s in (400, 403, 409, 503)},
+        responses=error_responses(400, 403, 409, 503),
     )
     async def create_session(body: PullRequest) -> JSONResponse:
         """Start a pull session: RTSP, HLS, or a local file played as a live stream."""
@@ -193,9 +189,7 @@ def create_app(
             record["status"] = session.status()
         return record
 
-    @app.delete(
-        "/v1/sessions/{session_id}", tags=["sessions"], responses={409: {"model": ErrorResponse}}
-    )
+    @app.delete("/v1/sessions/{session_id}", tags=["sessions"], responses=error_responses(409))
     async def delete_session(session_id: str) -> dict[str, Any]:
         """End a session of this node and free its KV cache; its history stays readable."""
         if not await service.delete(session_id):
@@ -224,7 +218,7 @@ def create_app(
     @app.get(
         "/v1/sessions/{session_id}/thumbnails",
         tags=["sessions"],
-        responses={s: {"model": ErrorResponse} for s in (409, 410)},
+        responses=error_responses(409, 410),
     )
     async def thumbnails(
         session_id: str,
@@ -258,7 +252,7 @@ def create_app(
         response_class=Response,
         responses={
             200: {"content": {"image/jpeg": {}}},
-            **{s: {"model": ErrorResponse} for s in (409, 410)},
+            **error_responses(409, 410),
         },
     )
     async def thumbnail(
@@ -361,7 +355,8 @@ async def _send_loop(websocket: WebSocket, watcher: Watcher) -> None:
                 await websocket.close(CLOSE_TOO_SLOW, "client reads too slowly")
                 return
             try:
-                text = json.dumps(message, ensure_ascii=False, allow_nan=False)
+                # As starlette's send_json writes it, plus the UTF-8 check its encoder would do.
+                text = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
                 text.encode()
             except (TypeError, ValueError) as exc:
                 # One message that cannot be sent must not end the sender: the socket would

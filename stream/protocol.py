@@ -257,3 +257,8 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for error statuses, each with the JSON error body."""
+    return {status: {"model": ErrorResponse, "description": "refused"} for status in statuses}

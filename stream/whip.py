@@ -37,7 +37,7 @@ from OpenSSL import SSL
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from livelens.stream.protocol import ErrorResponse
+from livelens.stream.protocol import error_responses
 from livelens.stream.sdp_checks import (
     DIRECTIONS,
     check_direction,
@@ -973,7 +973,7 @@ def whip_router(
         summary="Publish: an SDP offer in, the SDP answer out (RFC 9725)",
         responses={
             201: {"description": "the SDP answer", "content": {SDP_TYPE: _TEXT}},
-            **_errors(400, 401, 406, 413, 415, 503),
+            **error_responses(400, 401, 406, 413, 415, 503),
         },
         openapi_extra=_text_body(SDP_TYPE),
     )
@@ -1000,7 +1000,7 @@ def whip_router(
         status_code=204,
         response_class=Response,
         summary="Trickle ICE candidates (RFC 8840 SDP fragment)",
-        responses=_errors(400, 401, 404, 412, 413, 415, 422),
+        responses=error_responses(400, 401, 404, 412, 413, 415, 422),
         openapi_extra=_text_body(TRICKLE_TYPE),
     )
     async def trickle(session_id: str, request: Request) -> Response:
@@ -1015,7 +1015,7 @@ def whip_router(
         "/{session_id}",
         response_class=Response,
         summary="End the publication",
-        responses={200: {"description": "ended"}, **_errors(401, 404)},
+        responses={200: {"description": "ended"}, **error_responses(401, 404)},
     )
     async def delete(session_id: str, request: Request) -> Response:
         try:
@@ -1029,11 +1029,6 @@ def whip_router(
 
 
 _TEXT = {"schema": {"type": "string"}}
-
-
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI responses for error statuses, each with the app's JSON error body."""
-    return {status: {"model": ErrorResponse, "description": "refused"} for status in statuses}
 
 
 def _text_body(media_type: str) -> dict[str, Any]:
