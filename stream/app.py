@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import signal
@@ -24,6 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from livelens.clients import CONSOLE_DIR
+from livelens.model.session import SessionError
 from livelens.stream import redact
 from livelens.stream.auth import KeyRing, KeysFileError, Tickets
 from livelens.stream.auth_guard import SCOPE_KEY, AuthGuard
@@ -32,12 +34,12 @@ from livelens.stream.live import LiveSession, Watcher, iso
 from livelens.stream.protocol import (
     AskMessage,
     ErrorMessage,
-    ErrorResponse,
     ProtocolError,
     PullRequest,
     ThumbnailList,
     ThumbnailOut,
     dump,
+    error_responses,
     parse_client_message,
 )
 from livelens.stream.service import DRAINING_MESSAGE, LiveService, ServiceError
@@ -106,11 +108,7 @@ def create_app(
         summary="Ask questions about live video; answers come with timestamps.",
         version="0.1.0",
         lifespan=lifespan,
-        responses={
-            401: {"model": ErrorResponse},
-            403: {"model": ErrorResponse},
-            404: {"model": ErrorResponse},
-        },
+        responses=error_responses(401, 403, 404, 422),
     )
     app.state.service = service
     app.state.ingest = ingest
@@ -178,7 +176,7 @@ def create_app(
         "/v1/sessions",
         status_code=201,
         tags=["sessions"],
-        responses={403: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+        responses=error_responses(400, 403, 409, 422, 503),
     )
     async def create_session(body: PullRequest) -> JSONResponse:
         """Start a pull session: RTSP, HLS, or a local file under the server's media root played
@@ -204,7 +202,7 @@ def create_app(
             record["status"] = session.status()
         return record
 
-    @app.delete("/v1/sessions/{session_id}", tags=["sessions"])
+    @app.delete("/v1/sessions/{session_id}", tags=["sessions"], responses=error_responses(409))
     async def delete_session(session_id: str) -> dict[str, Any]:
         """End a session of this node and free its KV cache; its history stays readable."""
         if not await service.delete(session_id):
@@ -236,7 +234,11 @@ def create_app(
             raise ServiceError(404, "unknown_session", f"no session {session_id!r}")
         return record
 
-    @app.get("/v1/sessions/{session_id}/thumbnails", tags=["sessions"])
+    @app.get(
+        "/v1/sessions/{session_id}/thumbnails",
+        tags=["sessions"],
+        responses=error_responses(409, 410),
+    )
     async def thumbnails(
         session_id: str,
         start: float | None = Query(default=None, description="media seconds, inclusive"),
@@ -267,7 +269,10 @@ def create_app(
         "/v1/sessions/{session_id}/thumbnail",
         tags=["sessions"],
         response_class=Response,
-        responses={200: {"content": {"image/jpeg": {}}}},
+        responses={
+            200: {"content": {"image/jpeg": {}}},
+            **error_responses(409, 410),
+        },
     )
     async def thumbnail(
         session_id: str, at: float = Query(description="media seconds; the nearest kept frame")
@@ -355,7 +360,13 @@ def create_app(
                         dump(ErrorMessage(id=parsed.id, code="draining", message=DRAINING_MESSAGE))
                     )
                 elif isinstance(parsed, AskMessage):
-                    session.ask(watcher, parsed)
+                    try:
+                        session.ask(watcher, parsed)
+                    except SessionError as exc:  # a limit of the model session itself
+                        refusal = ErrorMessage(
+                            id=parsed.id, code="invalid_message", message=str(exc)
+                        )
+                        watcher.send(dump(refusal))
                 elif not session.cancel(watcher, parsed.id):
                     watcher.send(
                         dump(
@@ -392,7 +403,16 @@ async def _send_loop(websocket: WebSocket, watcher: Watcher) -> None:
             if message is None:
                 await websocket.close(CLOSE_TOO_SLOW, "client reads too slowly")
                 return
-            await websocket.send_json(message)
+            try:
+                # As starlette's send_json writes it, plus the UTF-8 check its encoder would do.
+                text = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+                text.encode()
+            except (TypeError, ValueError) as exc:
+                # One message that cannot be sent must not end the sender: the socket would
+                # still take questions but never answer again.
+                logger.warning("dropped an unsendable websocket message: %s", exc)
+                continue
+            await websocket.send_text(text)
     except (WebSocketDisconnect, RuntimeError):
         return  # the client went away; the receive side notices too
 

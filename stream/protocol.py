@@ -9,14 +9,19 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from livelens.model.session import MAX_QUESTION_CHARS
+from livelens.model.session import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MIN_TEMPERATURE
 
 MAX_MESSAGE_BYTES = 16 * 1024
 """A client message larger than this is refused without being parsed."""
-MAX_NEW_TOKENS = 1024
+MAX_JSON_DEPTH = 8
+"""Deepest nesting of arrays/objects a client message may have (ours are flat: depth 1)."""
 MAX_ID_CHARS = 64
+MAX_TOP_K = 1 << 20
+"""top_k above any vocabulary size means no top-k filtering; larger values are refused."""
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+"""Seeds torch.Generator.manual_seed accepts: any signed or unsigned 64-bit integer."""
 
 
 class ProtocolError(ValueError):
@@ -30,7 +35,8 @@ class ProtocolError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinities are never meaningful here, and NaN slips through range checks.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # ------------------------------------------------------------------------------ client messages
@@ -43,14 +49,21 @@ class AskMessage(_Strict):
     max_new_tokens: int = Field(default=128, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
-    seed: int | None = None
+    top_k: int = Field(default=0, ge=0, le=MAX_TOP_K)
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     repetition_penalty: float | None = Field(
         default=None,
         gt=0.0,
         le=10.0,
         description="default: the checkpoint's generation_config.json value (1.0 = off)",
     )
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_warm_enough(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+        return value
 
 
 class CancelMessage(_Strict):
@@ -66,15 +79,27 @@ CLIENT_TYPES = ("ask", "cancel")
 
 
 def parse_client_message(raw: str | bytes) -> AskMessage | CancelMessage:
-    """Parse one websocket message, or raise ProtocolError with a stable code."""
-    size = len(raw.encode() if isinstance(raw, str) else raw)
+    """Parse one websocket message, or raise ProtocolError with a stable code.
+
+    Size and nesting depth are checked before the JSON parser runs, and every string must be
+    encodable as UTF-8 (JSON escapes can spell lone surrogates, which no reply could echo).
+    """
+    size = len(raw.encode(errors="surrogatepass") if isinstance(raw, str) else raw)
     if size > MAX_MESSAGE_BYTES:
         raise ProtocolError(
             "message_too_large", f"message has {size} bytes; the limit is {MAX_MESSAGE_BYTES}"
         )
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise ProtocolError(
+            "message_too_deep", f"message nests deeper than {MAX_JSON_DEPTH} levels"
+        )
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeError:
+        raise ProtocolError("invalid_json", "message is not valid UTF-8 text") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers longer than Python converts.
         raise ProtocolError("invalid_json", f"message is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ProtocolError("invalid_message", "message must be a JSON object")
@@ -83,7 +108,7 @@ def parse_client_message(raw: str | bytes) -> AskMessage | CancelMessage:
     if kind not in CLIENT_TYPES:
         raise ProtocolError(
             "unknown_type",
-            f"unknown message type {kind!r}; expected one of {', '.join(CLIENT_TYPES)}",
+            f"unknown message type {kind!r:.40}; expected one of {', '.join(CLIENT_TYPES)}",
             message_id,
         )
     try:
@@ -103,6 +128,33 @@ def parse_client_message(raw: str | bytes) -> AskMessage | CancelMessage:
                 message_id,
             )
     return message
+
+
+def json_depth(raw: str | bytes) -> int:
+    """How deeply arrays and objects nest in a JSON text, counted without parsing it.
+
+    Brackets inside strings do not count; the text need not be valid JSON. Linear time and
+    constant memory, so it is safe on any input the size check let through.
+    """
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    return deepest
 
 
 # ------------------------------------------------------------------------------ server messages
@@ -205,3 +257,8 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for error statuses, each with the JSON error body."""
+    return {status: {"model": ErrorResponse, "description": "refused"} for status in statuses}

@@ -168,10 +168,13 @@ class LiveService:
         for session_id, source in list(self.pulls.items()):
             await asyncio.to_thread(source.stop)
             self.pulls.pop(session_id, None)
-        for session in list(self.sessions.values()):
+        # Sessions that ended earlier had their final record written then (and the registry
+        # may have forgotten them since): only the ones ending now are written here.
+        ending = [s for s in self.sessions.values() if s.state < State.ENDED]
+        for session in ending:
             session.finish("server shutting down")
         await asyncio.sleep(0)  # let the state announcements run
-        for session in list(self.sessions.values()):
+        for session in ending:
             await self._sync_record(session)
         await asyncio.to_thread(self.scheduler.stop)
         if self.registry is not None:

@@ -9,13 +9,14 @@ leaves. Audio is never received: audio sections are answered inactive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import fastapi
 from aiortc import (
@@ -27,20 +28,28 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.codecs import CODECS, is_rtx
-from aiortc.exceptions import InvalidAccessError, OperationError
 from aiortc.rtcdtlstransport import RTCCertificate
 from aiortc.rtcpeerconnection import is_codec_compatible
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability, RTCRtpCodecParameters
-from aiortc.sdp import SessionDescription, candidate_from_sdp
+from aiortc.sdp import SessionDescription
 from OpenSSL import SSL
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from livelens.stream.auth import AuthError, KeyRing, Scope, bearer
+from livelens.stream.protocol import error_responses
+from livelens.stream.sdp_checks import (
+    DIRECTIONS,
+    check_direction,
+    check_mids,
+    check_setup,
+    parse_candidate,
+)
 from livelens.stream.sources.file import DecodedFrame
 from livelens.stream.sources.webrtc import WebRTCSource
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 SDP_TYPE = "application/sdp"
 TRICKLE_TYPE = "application/trickle-ice-sdpfrag"
@@ -73,7 +82,6 @@ _LOOPBACK = "127.0.0.1"
 _NOT_MEDIA_CODECS = {"rtx", "red", "ulpfec", "flexfec-03"}
 # Payload types whose codec RFC 3551 fixes, so offers may omit their a=rtpmap.
 _STATIC_PAYLOAD_TYPES = {0: ("PCMU", 8000), 8: ("PCMA", 8000), 9: ("G722", 8000)}
-_DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
 
 
 class FrameSink(Protocol):
@@ -245,6 +253,8 @@ class _Section:
 
 
 _SDP_LINE = re.compile(r"([a-z])=(.*)")
+_SESSION_ONLY = "vost"
+"""Line types of the session part only (version, origin, session name; timing may repeat)."""
 _M_LINE = re.compile(r"([a-z]+) (\d+)(?:/\d+)? ([A-Za-z0-9/]+)((?: \S+)*)")
 _RTPMAP = re.compile(r"(\d{1,3}) ([A-Za-z0-9._-]+)/(\d+)(?:/\d+)?")
 _FMTP = re.compile(r"(\d{1,3})(?: (.*))?")
@@ -253,6 +263,14 @@ _FINGERPRINT = re.compile(r"[A-Za-z0-9-]+ [0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2})+")
 
 def _malformed(message: str) -> WhipError:
     return WhipError(400, "malformed_sdp", message)
+
+
+def _check(rule: Callable[..., _T], *args: Any) -> _T:
+    """Apply one of sdp_checks' rules; its ValueError becomes a 400 malformed_sdp."""
+    try:
+        return rule(*args)
+    except ValueError as exc:
+        raise _malformed(str(exc)) from None
 
 
 def _sdp_lines(text: str) -> list[str]:
@@ -269,6 +287,7 @@ def _parse_sdp(sdp: str) -> tuple[_Section, list[_Section]]:
     session = _Section()
     media: list[_Section] = []
     current = session
+    seen: set[str] = set()
     for number, line in enumerate(lines, start=1):
         match = _SDP_LINE.fullmatch(line.rstrip())
         if match is None:
@@ -280,6 +299,11 @@ def _parse_sdp(sdp: str) -> tuple[_Section, list[_Section]]:
                 raise _malformed(f"line {number}: unparsable m= line: {value[:60]!r}")
             current = _Section(m[1], int(m[2]), tuple(m[4].split()))
             media.append(current)
+        elif kind in _SESSION_ONLY:
+            # aiortc's parser asserts on these out of place or twice; found by the fuzz suite.
+            if media or (kind != "t" and kind in seen):
+                raise _malformed(f"line {number}: {kind}= belongs once, before the first m= line")
+            seen.add(kind)
         elif kind == "a":
             name, sep, attr_value = value.partition(":")
             current.attributes.append((name, attr_value if sep else None))
@@ -367,8 +391,8 @@ def validate_offer(sdp: str) -> OfferInfo:
         if not usable:
             unusable.append(f"{section.kind} m-section {index} offers {_describe(codecs)}")
             continue
-        direction = next((d for d in _DIRECTIONS if section.has(d)), None)
-        direction = direction or next((d for d in _DIRECTIONS if session.has(d)), "sendrecv")
+        direction = next((d for d in DIRECTIONS if section.has(d)), None)
+        direction = direction or next((d for d in DIRECTIONS if session.has(d)), "sendrecv")
         sends = section.port != 0 and direction in ("sendonly", "sendrecv")
         if section.kind == "video" and sends and chosen is None:
             chosen = (index, usable[0])
@@ -387,12 +411,13 @@ def validate_offer(sdp: str) -> OfferInfo:
         )
     if chosen is None:
         raise WhipError(406, "no_video", "no video m-section is sent (sendonly or sendrecv)")
+    _check_structure(session, media)
     # Last, aiortc's own parser: whatever it would choke on is the offer's fault (400), and
     # must be found before a peer connection exists.
     try:
         SessionDescription.parse(sdp)
     except Exception as exc:
-        raise _malformed(f"SDP the WebRTC stack cannot parse: {exc}") from None
+        raise _malformed(f"SDP the WebRTC stack cannot parse: {_reason(exc)}") from None
     first = media[0]
     bundle = next(
         (g.split()[1:] for g in session.values("group") if g.split()[:1] == ["BUNDLE"]), []
@@ -406,6 +431,20 @@ def validate_offer(sdp: str) -> OfferInfo:
         ice_ufrag=str(first.first("ice-ufrag") or session.first("ice-ufrag")),
         candidates=sum(len(section.values("candidate")) for section in media),
     )
+
+
+def _check_structure(session: _Section, media: list[_Section]) -> None:
+    """What aiortc assumes without checking: mids, BUNDLE, DTLS role, direction, candidates."""
+    for index, section in enumerate(media):
+        where = f"m-section {index} ({section.kind})"
+        _check(check_setup, where, section.values("setup") or session.values("setup"))
+        _check(check_direction, where, [d for d in DIRECTIONS if section.has(d)])
+        for value in section.values("candidate"):
+            _check(parse_candidate, value.strip())
+    _check(check_direction, "the session part", [d for d in DIRECTIONS if session.has(d)])
+    groups = [g.strip() for g in session.values("group")]
+    bundles = [g.removeprefix("BUNDLE") for g in groups if g.split()[:1] == ["BUNDLE"]]
+    _check(check_mids, [section.values("mid") for section in media], bundles)
 
 
 def add_bitrate_hints(answer_sdp: str, min_kbps: int, start_kbps: int, max_kbps: int) -> str:
@@ -650,15 +689,12 @@ class WhipIngest:
         try:
             answer = await self._negotiate(peer, offer, offer_sdp, local_codec)
         except Exception as exc:
-            # What the offer check let through but aiortc refused is the offer's fault (400).
-            status = (
-                400 if isinstance(exc, ValueError | OperationError | InvalidAccessError) else 500
-            )
-            logger.warning("WHIP offer from %s failed to negotiate: %s", source_desc, exc)
-            await self._end(peer, f"WebRTC negotiation failed: {exc}", failed=True)
-            raise WhipError(
-                status, "negotiation_failed", f"WebRTC negotiation failed: {exc}"
-            ) from None
+            # aiortc answers from the offer alone, so whatever it raises on an offer that
+            # passed validate_offer is the offer's fault: 400, logged without a traceback.
+            reason = f"WebRTC negotiation failed: {_reason(exc)}"
+            logger.warning("WHIP offer from %s: %s", source_desc, reason)
+            await self._end(peer, reason, failed=True)
+            raise WhipError(400, "negotiation_failed", reason) from None
         self._peers[peer.session_id] = peer
         peer.tasks = [
             asyncio.create_task(self._drain(peer), name=f"whip-drain-{peer.session_id}"),
@@ -683,17 +719,27 @@ class WhipIngest:
             raise WhipError(
                 422, "ice_restart_unsupported", "ICE restarts are not supported; publish again"
             )
+        candidates = []
         for mid, value in trickle.candidates:
             try:
-                candidate = candidate_from_sdp(value)
-            except (ValueError, IndexError) as exc:
+                candidate = parse_candidate(value)
+            except ValueError as exc:
                 raise _malformed(f"unparsable candidate {value[:80]!r}: {exc}") from None
-            if candidate.protocol.lower() != "udp":
-                continue  # aioice connects over UDP only
-            candidate.sdpMid, candidate.sdpMLineIndex = _transport_of(peer.offer, mid)
-            await peer.pc.addIceCandidate(candidate)
-        if trickle.end_of_candidates:
-            await peer.pc.addIceCandidate(None)
+            # aioice connects over UDP only, and with rtcp-mux (required) on component 1 only.
+            if candidate.protocol.lower() == "udp" and candidate.component == 1:
+                candidate.sdpMid, candidate.sdpMLineIndex = _transport_of(peer.offer, mid)
+                candidates.append(candidate)
+        # Checked all before adding any, so a refused fragment changes nothing.
+        try:
+            for candidate in candidates:
+                await peer.pc.addIceCandidate(candidate)
+            if trickle.end_of_candidates:
+                await peer.pc.addIceCandidate(None)
+        except Exception as exc:
+            logger.warning("WHIP session %s: candidate refused: %s", session_id, _reason(exc))
+            raise WhipError(
+                422, "candidate_refused", f"candidate refused: {_reason(exc)}"
+            ) from None
 
     async def delete(self, session_id: str) -> None:
         """The publisher ended the publication (HTTP DELETE)."""
@@ -828,12 +874,40 @@ class WhipIngest:
             peer.sink.finish(reason, failed=failed)
         except Exception:
             logger.exception("WHIP session %s: sink.finish failed", peer.session_id)
-        await peer.pc.close()
+        await close_peer_connection(peer.pc)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+async def close_peer_connection(pc: RTCPeerConnection) -> None:
+    """Close a peer connection, even one aiortc left half-built; never raises.
+
+    RTCPeerConnection.close() stops every transceiver's transports in turn and raises on the
+    first one missing (a negotiation that failed midway), leaving the rest, with their UDP
+    sockets, open. Then each transport that exists is stopped here, one at a time.
+    """
+    try:
+        await pc.close()
+        return
+    except Exception as exc:
+        logger.warning("closing a peer connection failed (%s); stopping its parts", _reason(exc))
+    dtls_transports = [t.receiver.transport for t in pc.getTransceivers()]
+    if pc.sctp is not None:
+        dtls_transports.append(pc.sctp.transport)
+    for dtls in {id(t): t for t in dtls_transports if t is not None}.values():
+        for part in (dtls, dtls.transport):
+            with contextlib.suppress(Exception):
+                await part.stop()
+    pc.remove_all_listeners()
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for an exception, even one without a message (aiortc's bare asserts)."""
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _transport_of(offer: OfferInfo, mid: str | None) -> tuple[str | None, int]:
@@ -908,15 +982,31 @@ def whip_router(
             headers["Link"] = links
         return Response(status_code=204, headers=headers)
 
-    @router.options("")
+    preflight_route = {
+        "status_code": 204,
+        "response_class": Response,
+        "responses": {204: {"description": "CORS preflight: allowed methods and headers"}},
+    }
+
+    @router.options("", **preflight_route)
     async def options_endpoint() -> Response:
         return preflight("OPTIONS, POST", {"Accept-Post": SDP_TYPE})
 
-    @router.options("/{session_id}")
+    @router.options("/{session_id}", **preflight_route)
     async def options_session(session_id: str) -> Response:
         return preflight("OPTIONS, PATCH, DELETE")
 
-    @router.post("")
+    @router.post(
+        "",
+        status_code=201,
+        response_class=Response,
+        summary="Publish: an SDP offer in, the SDP answer out (RFC 9725)",
+        responses={
+            201: {"description": "the SDP answer", "content": {SDP_TYPE: _TEXT}},
+            **error_responses(400, 401, 406, 413, 415, 503),
+        },
+        openapi_extra=_text_body(SDP_TYPE),
+    )
     async def publish(request: Request) -> Response:
         try:
             offer = await body(request, SDP_TYPE)
@@ -935,7 +1025,14 @@ def whip_router(
             headers["Link"] = links
         return Response(publication.answer_sdp, 201, headers=headers, media_type=SDP_TYPE)
 
-    @router.patch("/{session_id}")
+    @router.patch(
+        "/{session_id}",
+        status_code=204,
+        response_class=Response,
+        summary="Trickle ICE candidates (RFC 8840 SDP fragment)",
+        responses=error_responses(400, 401, 404, 412, 413, 415, 422),
+        openapi_extra=_text_body(TRICKLE_TYPE),
+    )
     async def trickle(session_id: str, request: Request) -> Response:
         try:
             fragment = await body(request, TRICKLE_TYPE)
@@ -944,7 +1041,12 @@ def whip_router(
             return error(exc)
         return Response(status_code=204, headers=cors)
 
-    @router.delete("/{session_id}")
+    @router.delete(
+        "/{session_id}",
+        response_class=Response,
+        summary="End the publication",
+        responses={200: {"description": "ended"}, **error_responses(401, 404)},
+    )
     async def delete(session_id: str, request: Request) -> Response:
         try:
             _authorize(request, settings.token)
@@ -954,6 +1056,14 @@ def whip_router(
         return Response(status_code=200, headers=cors)
 
     return router
+
+
+_TEXT = {"schema": {"type": "string"}}
+
+
+def _text_body(media_type: str) -> dict[str, Any]:
+    """OpenAPI request body of a route that reads the raw body itself (SDP, not JSON)."""
+    return {"requestBody": {"required": True, "content": {media_type: _TEXT}}}
 
 
 def _authorize(request: Request, token: str | None) -> None:

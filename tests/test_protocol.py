@@ -13,9 +13,11 @@ from livelens.stream.protocol import (
     AskMessage,
     CancelMessage,
     ErrorMessage,
+    ProtocolError,
     PullRequest,
     StatusMessage,
     TokenMessage,
+    json_depth,
     parse_client_message,
 )
 
@@ -69,6 +71,25 @@ def test_every_json_example_in_the_api_doc_validates() -> None:
             "invalid_message",
         ),
         ('{"id": "a"}', "unknown_type"),
+        # Each of these raised out of the parser (or passed it) before it was hardened.
+        ("[" * 5000 + "]" * 5000, "message_too_deep"),
+        ('{"type": "cancel", "id": "\\ud800"}', "invalid_json"),
+        (
+            '{"type": "ask", "id": "a", "question": "q", "seed": 1' + "0" * 5000 + "}",
+            "invalid_json",
+        ),
+        (
+            '{"type": "ask", "id": "a", "question": "q", "seed": 1180591620717411303424}',
+            "invalid_message",
+        ),
+        (
+            '{"type": "ask", "id": "a", "question": "q", "top_k": 18446744073709551616}',
+            "invalid_message",
+        ),
+        ('{"type": "ask", "id": "a", "question": "q", "top_p": NaN}', "invalid_message"),
+        # logits / 1e-300 overflows to inf: NaN probabilities inside the model worker.
+        ('{"type": "ask", "id": "a", "question": "q", "temperature": 1e-300}', "invalid_message"),
+        ('{"type": "ask", "id": "a", "question": "q", "temperature": Infinity}', "invalid_message"),
     ],
 )
 def test_refusals_have_stable_codes(raw: str | bytes, code: str) -> None:
@@ -86,3 +107,40 @@ def test_repetition_penalty_defaults_to_the_checkpoint() -> None:
         '{"type": "ask", "id": "a", "question": "q", "repetition_penalty": 1.2}'
     )
     assert isinstance(ask, AskMessage) and ask.repetition_penalty == 1.2
+
+
+def test_json_depth_counts_brackets_outside_strings_only() -> None:
+    assert json_depth('{"type": "ask"}') == 1
+    assert json_depth('{"a": [[1], {"b": []}]}') == 4
+    assert json_depth('{"q": "[[[[{{{{ \\" ]]]]"}') == 1
+    assert json_depth(b"[[[") == 3  # not valid JSON: still counted, never parsed
+    assert json_depth("") == 0
+
+
+def test_extreme_but_valid_values_are_accepted() -> None:
+    for seed in (-(2**63), 0, 2**64 - 1):
+        raw = json.dumps({"type": "ask", "id": "a", "question": "q", "seed": seed})
+        message = parse_client_message(raw)
+        assert isinstance(message, AskMessage) and message.seed == seed
+
+
+def test_one_limit_for_answer_length_and_temperature() -> None:
+    """The websocket and the model session accept exactly the same values (one definition)."""
+    from livelens.model.session import MAX_NEW_TOKENS, MIN_TEMPERATURE, SamplingParams, SessionError
+
+    def ask(**fields: object) -> AskMessage | CancelMessage:
+        return parse_client_message(
+            json.dumps({"type": "ask", "id": "a", "question": "q", **fields})
+        )
+
+    assert (
+        ask(max_new_tokens=MAX_NEW_TOKENS).max_new_tokens
+        == SamplingParams(max_new_tokens=MAX_NEW_TOKENS).max_new_tokens
+    )
+    for refused in ({"max_new_tokens": MAX_NEW_TOKENS + 1}, {"temperature": MIN_TEMPERATURE / 2}):
+        with pytest.raises(ProtocolError):
+            ask(**refused)
+        with pytest.raises(SessionError):
+            SamplingParams(**refused)  # type: ignore[arg-type]
+    assert ask(temperature=MIN_TEMPERATURE).temperature == MIN_TEMPERATURE
+    assert ask(temperature=0).temperature == 0

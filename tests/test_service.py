@@ -11,14 +11,18 @@ import logging
 import os
 import time
 
+import httpx
 import pytest
 import redis
+from browser import serve
 from media_servers import TcpPeer, closed_port
 from service_harness import SlowRunner, ask, fast_config, receive_until, running_app, wait_for
 from starlette.websockets import WebSocketDisconnect
 from videos import make_video
+from websockets.sync.client import connect
 
 from livelens.model.runner import ModelRunner
+from livelens.stream.app import create_app
 from livelens.stream.protocol import MAX_MESSAGE_BYTES, PullRequest
 from livelens.stream.registry import SessionRecord
 from livelens.stream.service import SOURCE_UNREADABLE, LiveService, ServiceError
@@ -170,6 +174,73 @@ def test_websocket_errors_keep_the_connection_usable(runner, clip, redis_server)
                 assert error["message"]
             answer, _ = ask(ws, "ok", max_new_tokens=3)  # still usable
             assert answer["type"] == "answer"
+
+
+# Messages found by probing a running server: each once killed the websocket's sender or its
+# receive loop (RecursionError, an integer too long to convert, a lone surrogate echoed back as
+# the id), or reached the model worker with a seed it cannot take. (raw, code, id of the error).
+HOSTILE_MESSAGES = [
+    ('{"type": "cancel", "id": "\\ud800"}', "invalid_json", None),
+    ('{"type": "ask", "id": "\\udfff", "question": "q"}', "invalid_json", None),
+    ("[" * 5000 + "]" * 5000, "message_too_deep", None),
+    (
+        '{"type": "ask", "id": "d", "question": "q", "x": ' + "[" * 9 + "]" * 9 + "}",
+        "message_too_deep",
+        None,
+    ),
+    (
+        '{"type": "ask", "id": "s", "question": "q", "seed": ' + str(2**70) + "}",
+        "invalid_message",
+        "s",
+    ),
+    (
+        '{"type": "ask", "id": "l", "question": "q", "seed": 1' + "0" * 5000 + "}",
+        "invalid_json",
+        None,
+    ),
+    ('{"type": "ask", "id": "p", "question": "q", "top_p": NaN}', "invalid_message", "p"),
+    ('{"type": "ask", "id": "t", "question": "q", "temperature": NaN}', "invalid_message", "t"),
+    (
+        '{"type": "ask", "id": "i", "question": "q", "temperature": -Infinity}',
+        "invalid_message",
+        "i",
+    ),
+    (
+        '{"type": "ask", "id": "k", "question": "q", "top_k": ' + str(2**64) + "}",
+        "invalid_message",
+        "k",
+    ),
+]
+
+
+def test_hostile_messages_get_errors_and_the_socket_keeps_answering(
+    runner, clip, redis_server
+) -> None:
+    """Over a real uvicorn server (its websocket layer encodes every reply as UTF-8): each
+    hostile message gets an error with a code, and a question on the same socket afterwards is
+    answered."""
+    service = LiveService(runner, fast_config(redis_server.url, media_root=clip.path.parent))
+    with serve(create_app(service)) as url:
+        created = httpx.post(f"{url}/v1/sessions", json={"source": str(clip.path)})
+        assert created.status_code == 201, created.text
+        sid = created.json()["id"]
+        wait_for(lambda: service.sessions[sid].status()["frames_in_model"] >= 1)
+        ws_url = url.replace("http://", "ws://") + f"/v1/sessions/{sid}/ws"
+        with connect(ws_url, open_timeout=10) as ws:
+
+            def next_of(kind: str) -> dict:
+                while True:
+                    message = json.loads(ws.recv(timeout=20))
+                    if message["type"] == kind:
+                        return message
+
+            for raw, code, message_id in HOSTILE_MESSAGES:
+                ws.send(raw)
+                error = next_of("error")
+                assert (error["code"], error["id"]) == (code, message_id), raw[:60]
+                assert error["message"]
+            ws.send(json.dumps({"type": "ask", "id": "ok", "question": "hi", "max_new_tokens": 2}))
+            assert next_of("answer")["id"] == "ok"
 
 
 def test_unknown_session_and_rest_errors(runner, redis_server) -> None:

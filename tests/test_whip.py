@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import subprocess
 import threading
 import time
@@ -48,6 +49,7 @@ from livelens.stream.whip import (
     WhipIngest,
     WhipSettings,
     add_bitrate_hints,
+    close_peer_connection,
     parse_trickle_fragment,
     validate_offer,
     whip_router,
@@ -469,10 +471,10 @@ def video_only(codec_lines: str, formats: str) -> str:
         "a=setup:actpass\r\na=mid:0\r\na=sendonly\r\na=rtcp-mux\r\n"
         + codec_lines.replace("\n", "\r\n")
     )
-    return SESSION_PART + section
+    return SESSION_PART.replace("a=group:BUNDLE 0 1", "a=group:BUNDLE 0") + section
 
 
-AUDIO_ONLY = SESSION_PART + AUDIO_SECTION
+AUDIO_ONLY = SESSION_PART.replace("a=group:BUNDLE 0 1", "a=group:BUNDLE 0") + AUDIO_SECTION
 VIDEO_THEN_AUDIO = SESSION_PART + VIDEO_SECTION + AUDIO_SECTION
 VP9_ONLY = video_only("a=rtpmap:98 VP9/90000\na=fmtp:98 profile-id=0\n", "98")
 H265_ONLY = video_only("a=rtpmap:49 H265/90000\na=fmtp:49 level-id=93\n", "49")
@@ -1114,3 +1116,140 @@ def test_close_all_finishes_every_publication() -> None:
     # Leaving the client ran the app's shutdown hook, WhipIngest.close_all().
     assert [s.finishes for s in sessions.sinks.values()] == [[("server shutting down", False)]] * 2
     assert ingest.session_ids() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Hostile offers and trickle fragments (found by fuzzing): 400/422 with a JSON body, and no
+# peer connection left open
+
+
+class CountingIngest(WhipIngest):
+    """The real ingest, keeping every peer connection it makes so a test can see it closed."""
+
+    def __init__(self, settings: WhipSettings) -> None:
+        super().__init__(settings)
+        self.created: list[RTCPeerConnection] = []
+
+    def _new_peer_connection(self) -> RTCPeerConnection:
+        pc = super()._new_peer_connection()
+        self.created.append(pc)
+        return pc
+
+
+def ice_transports_closed(pc: RTCPeerConnection) -> bool:
+    """Every ICE transport of the peer connection stopped (its UDP sockets closed)."""
+    dtls = [t.receiver.transport for t in pc.getTransceivers() if t.receiver.transport]
+    return all(t.transport.state == "closed" for t in dtls)
+
+
+def aiortc_offer() -> str:
+    async def offer() -> str:
+        pc, _ = await aiortc_publisher("VP8")
+        await pc.close()
+        return pc.localDescription.sdp
+
+    return asyncio.run(offer())
+
+
+def two_videos(offer: str, first_mid: str, second_mid: str, bundle: str) -> str:
+    """An aiortc offer with its video m-section twice, mids and BUNDLE group as given."""
+    session, video = offer.split("m=video", 1)
+    session = session.replace("a=group:BUNDLE 0", f"a=group:BUNDLE {bundle}")
+    first = ("m=video" + video).replace("a=mid:0", f"a=mid:{first_mid}")
+    return session + first + ("m=video" + video).replace("a=mid:0", f"a=mid:{second_mid}")
+
+
+HOSTILE_OFFERS = [
+    # (what, how to make it from a real aiortc offer, status, code)
+    ("BUNDLE names a missing first mid", lambda o: two_videos(o, "0", "1", "7 1"), 400),
+    ("BUNDLE names a missing mid", lambda o: o.replace("BUNDLE 0", "BUNDLE 0 7"), 400),
+    ("duplicate mids", lambda o: two_videos(o, "0", "0", "0 0"), 400),
+    ("duplicate mids, no BUNDLE", lambda o: two_videos(o, "0", "0", "0 0 x"), 400),
+    ("no a=setup", lambda o: o.replace("a=setup:actpass\r\n", ""), 400),
+    ("two directions", lambda o: o.replace("a=sendonly", "a=sendonly\r\na=recvonly"), 400),
+    ("o= in a media section", lambda o: o.replace("a=sendonly", "o=- 1 1 IN IP4 0.0.0.0"), 400),
+    ("s= twice", lambda o: o.replace("s=-\r\n", "s=-\r\ns=-\r\n"), 400),
+    (
+        "candidate port 99999",
+        lambda o: re.sub(
+            r"a=candidate:[^\r\n]*", "a=candidate:1 1 udp 1 192.0.2.9 99999 typ host", o, count=1
+        ),
+        400,
+    ),
+]
+
+
+def test_hostile_offers_are_refused_and_leak_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    ingest = CountingIngest(WhipSettings(token=TOKEN))
+    sessions = Sessions()
+    app = FastAPI()
+    app.include_router(whip_router(ingest, sessions, ingest.settings))
+    offer = aiortc_offer()
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for what, mutate, status in HOSTILE_OFFERS:
+            r = client.post("/whip", content=mutate(offer), headers=SDP)
+            assert r.status_code == status, (what, r.text)
+            assert r.json()["error"]["code"] == "malformed_sdp", what
+            assert r.json()["error"]["message"], what
+        assert ingest.session_ids() == []
+        assert all(pc.connectionState == "closed" for pc in ingest.created)
+        assert all(ice_transports_closed(pc) for pc in ingest.created)
+        # The endpoint still publishes.
+        r = client.post("/whip", content=offer, headers=SDP)
+        assert r.status_code == 201, r.text
+        assert client.delete(r.headers["location"], headers=AUTH).status_code == 200
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+@pytest.mark.parametrize(
+    ("candidate", "status", "code"),
+    [
+        ("a=candidate:1 1 udp", 400, "malformed_sdp"),  # AssertionError inside aiortc: 500
+        ("a=candidate:1 1 udp 1 192.0.2.9 99999 typ host", 400, "malformed_sdp"),
+        ("a=candidate:1 1 udp 1 not-an-address 5000 typ host", 400, "malformed_sdp"),
+        ("a=candidate:1 1 udp 1 192.0.2.9 5000 typ bogus", 400, "malformed_sdp"),
+        ("a=candidate:1 1 udp 1 192.0.2.9 5000 typ host raddr x rport 1", 400, "malformed_sdp"),
+    ],
+)
+def test_hostile_trickle_candidates(
+    candidate: str, status: int, code: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    ingest = CountingIngest(WhipSettings(token=TOKEN))
+    app = FastAPI()
+    app.include_router(whip_router(ingest, Sessions(), ingest.settings))
+    offer, _ = strip_candidates(aiortc_offer())
+    frag = {"Content-Type": "application/trickle-ice-sdpfrag", **AUTH}
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.post("/whip", content=offer, headers=SDP)
+        assert r.status_code == 201, r.text
+        url = r.headers["location"]
+        r = client.patch(url, content=f"a=mid:0\r\n{candidate}\r\n", headers=frag)
+        assert r.status_code == status, r.text
+        assert r.json()["error"]["code"] == code
+        good = "a=mid:0\r\na=candidate:1 1 udp 1 192.0.2.9 5000 typ host\r\n"
+        assert client.patch(url, content=good, headers=frag).status_code == 204
+        assert client.delete(url, headers=AUTH).status_code == 200
+    assert all(pc.connectionState == "closed" for pc in ingest.created)
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+def test_half_built_peer_connection_is_closed() -> None:
+    """aiortc's close() raises on a peer connection whose negotiation failed midway (a BUNDLE
+    group naming a missing mid, before offers were checked for it), leaving sockets open;
+    close_peer_connection stops every transport that exists and never raises."""
+    bad = CHROMIUM_OFFER.replace("a=group:BUNDLE 0 1", "a=group:BUNDLE 5 1")
+
+    async def scenario() -> RTCPeerConnection:
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver("audio", direction="inactive")  # as WhipIngest._negotiate does
+        pc.addTransceiver("video", direction="recvonly")
+        await pc.setRemoteDescription(RTCSessionDescription(bad, "offer"))
+        with pytest.raises(AttributeError):
+            await pc.createAnswer()
+        await close_peer_connection(pc)
+        return pc
+
+    pc = asyncio.run(scenario())
+    transports = [t.receiver.transport for t in pc.getTransceivers() if t.receiver.transport]
+    assert transports  # the half: one transceiver got its transport, one did not
+    assert ice_transports_closed(pc)
