@@ -46,12 +46,18 @@ WATCHER_QUEUE = 4096
 
 
 class State(IntEnum):
-    """Session lifecycle; anything >= ENDED is finished."""
+    """Session lifecycle; anything >= ENDED is finished.
+
+    STALLED is LIVE without frames: the source sent none for `ServiceConfig.stall_after_s`
+    (a frozen feed, a reconnecting camera, a publisher gone silent) and the session goes back to
+    LIVE with its next frame. Every other move is forward only.
+    """
 
     STARTING = 0
     LIVE = 1
-    ENDED = 2
-    FAILED = 3
+    STALLED = 2
+    ENDED = 3
+    FAILED = 4
 
     @property
     def label(self) -> str:
@@ -146,6 +152,8 @@ class LiveSession:
         self.frames_received = 0
         self.frames_sampled = 0
         self.live_edge: float | None = None
+        self.last_frame_at: float | None = None
+        """time.monotonic() of the newest decoded frame: how long the source has been silent."""
         self.model_closed_reason: str | None = None
         self.last_sampled: tuple[float, np.ndarray] | None = None
         """The newest sampled frame (media time, RGB at the session grid)."""
@@ -169,6 +177,9 @@ class LiveSession:
                 return
             self.frames_received += 1
             self.live_edge = decoded.time
+            self.last_frame_at = time.monotonic()
+            if self.state == State.STALLED:
+                self.loop.call_soon_threadsafe(self._set_activity, State.LIVE, None)
             if self.wall_zero is None:
                 self.wall_zero = time.time() - decoded.time
             if not self.sampler.offer(decoded.time):
@@ -244,6 +255,25 @@ class LiveSession:
                 return
             self.state = state
             self.reason = reason
+        self._announce_state()
+
+    def check_stalled(self, after_s: float) -> bool:
+        """Mark a LIVE session STALLED once its source sent no frame for `after_s` seconds;
+        returns whether it did (the event loop's status tick calls this)."""
+        last = self.last_frame_at
+        if self.state != State.LIVE or last is None or time.monotonic() - last <= after_s:
+            return False
+        self._set_activity(State.STALLED, f"no frames from the source for {after_s:g} s")
+        return True
+
+    def _set_activity(self, state: State, reason: str | None) -> None:
+        """The one move back and forth: LIVE <-> STALLED (a finished session stays finished)."""
+        with self._lock:
+            if self.state not in (State.LIVE, State.STALLED) or self.state == state:
+                return
+            self.state = state
+            self.reason = reason
+        logger.info("session %s %s%s", self.id, state.label, f": {reason}" if reason else "")
         self._announce_state()
 
     def _announce_state(self) -> None:
@@ -462,11 +492,23 @@ class LiveSession:
                 kv_bytes=session.kv_bytes() if session is not None else 0,
                 live_edge=edge,
                 stream_position=position,
-                lag=None if edge is None or position is None else max(0.0, edge - position),
+                lag=self._lag(edge, position),
                 questions_waiting=self.scheduler.questions(self.id),
                 time=iso(time.time()),
             )
         )
+
+    def _lag(self, edge: float | None, position: float | None) -> float | None:
+        """How far the model's last frame trails the stream, by the newest frame received and
+        by the wall clock, whichever is more: a frozen or silent feed shows a growing lag, not
+        the last frame's. (Frames read faster than real time, a file, lead the wall clock.)"""
+        if edge is None or position is None:
+            return None
+        lag = edge - position
+        if self.wall_zero is not None:
+            now = self.ended_at if self.ended_at is not None else time.time()
+            lag = max(lag, now - self.wall_zero - position)
+        return max(0.0, lag)
 
     def release_model(self) -> None:
         """Drop the session's KV cache (the session is gone or its retention ran out)."""
