@@ -301,14 +301,18 @@ def create_app(
         raise ServiceError(410, "session_deleted", f"session {session_id} was deleted")
 
     # ----------------------------------------------------------------- keys
-    @app.post("/v1/sessions/{session_id}/ticket", tags=["sessions"])
+    @app.post(
+        "/v1/sessions/{session_id}/ticket",
+        tags=["sessions"],
+        responses=error_responses(401, 403, 404),
+    )
     async def ticket(session_id: str, request: Request) -> dict[str, Any]:
         """A single-use credential for this session's websocket (`?ticket=`), valid 30 s."""
         await _record_or_404(session_id)
         issued = tickets.issue(session_id, request.scope.get(SCOPE_KEY))
         return {"ticket": issued, "expires_in": tickets.ttl_s}
 
-    @app.post("/v1/keys/reload", tags=["keys"])
+    @app.post("/v1/keys/reload", tags=["keys"], responses=error_responses(401, 403, 409, 422))
     async def reload_keys() -> dict[str, Any]:
         """Read the keys file again; a bad file keeps the keys in force (422, and a log line)."""
         if keys.path is None:

@@ -60,6 +60,8 @@ REASON_TRACK_ENDED = "publisher ended the video track"
 REASON_CLOSED = "publisher closed the connection (DTLS close)"
 REASON_FAILED = "publisher disconnected (ICE/DTLS failed)"
 REASON_SHUTDOWN = "server shutting down"
+CLOSE_TIMEOUT_S = 5.0
+"""The longest one peer connection's close may take (a shutdown waits no longer)."""
 
 # aiortc's own DTLS suites (rtcdtlstransport.RTCCertificate._create_ssl_context) followed by the
 # same suites for RSA certificates. The suite's signature type follows the DTLS *server's*
@@ -753,10 +755,21 @@ class WhipIngest:
             await self._end(peer, reason, failed=False)
 
     async def close_all(self) -> None:
-        """End every publication (server shutdown)."""
-        await asyncio.gather(*(self._end(p, REASON_SHUTDOWN) for p in list(self._peers.values())))
+        """End every publication (server shutdown), within CLOSE_TIMEOUT_S: a shutdown never
+        waits without bound on a peer connection that does not close."""
+        ends = [self._end(p, REASON_SHUTDOWN) for p in list(self._peers.values())]
         # Ends already under way (a publisher that left just before) finish closing too.
-        await asyncio.gather(*self._background, return_exceptions=True)
+        pending = [*(asyncio.ensure_future(e) for e in ends), *self._background]
+        if not pending:
+            return
+        done, late = await asyncio.wait(pending, timeout=CLOSE_TIMEOUT_S)
+        for task in late:
+            task.cancel()
+        if late:
+            logger.warning("%d WHIP closes did not finish within %g s", len(late), CLOSE_TIMEOUT_S)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                logger.warning("closing a WHIP publication failed: %s", _reason(task.exception()))
 
     def _peer(self, session_id: str) -> _Peer:
         peer = self._peers.get(session_id)
@@ -890,9 +903,9 @@ async def close_peer_connection(pc: RTCPeerConnection) -> None:
     sockets, open. Then each transport that exists is stopped here, one at a time.
     """
     try:
-        await pc.close()
+        await asyncio.wait_for(pc.close(), CLOSE_TIMEOUT_S)
         return
-    except Exception as exc:
+    except Exception as exc:  # TimeoutError included
         logger.warning("closing a peer connection failed (%s); stopping its parts", _reason(exc))
     dtls_transports = [t.receiver.transport for t in pc.getTransceivers()]
     if pc.sctp is not None:
@@ -900,7 +913,7 @@ async def close_peer_connection(pc: RTCPeerConnection) -> None:
     for dtls in {id(t): t for t in dtls_transports if t is not None}.values():
         for part in (dtls, dtls.transport):
             with contextlib.suppress(Exception):
-                await part.stop()
+                await asyncio.wait_for(part.stop(), CLOSE_TIMEOUT_S)
     pc.remove_all_listeners()
 
 

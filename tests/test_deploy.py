@@ -360,6 +360,7 @@ def test_compose_passes_the_tokens_through_and_refuses_to_start_without_one() ->
     assert env["services"]["livelens"]["environment"] == {
         "LIVELENS_TOKEN": "t0k",
         "LIVELENS_REDIS_URL": "redis://127.0.0.1:6379/0",
+        "LIVELENS_ALLOW_SOURCES": "",
         "HF_TOKEN": "hf_abc",
     }
     anonymous = load_compose({"LIVELENS_TOKEN": "t0k"})["services"]["livelens"]["environment"]
