@@ -8,7 +8,6 @@ per pull source).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -120,6 +119,7 @@ class LiveService:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.started = time.time()
         self._status_task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.closers: dict[str, Callable[[str, str], Awaitable[object]]] = {}
         """By session kind: how to stop a push source, closer(session_id, reason)."""
         self.draining = False
@@ -162,9 +162,12 @@ class LiveService:
 
     async def stop(self) -> None:
         if self._status_task is not None:
+            # Cancelled, and also told to stop: a cancellation that lands inside a Redis
+            # command can be swallowed by the client library (seen as a shutdown that hung for
+            # good under load); the loop then ends at its next turn, which is waited for.
+            self._stopping = True
             self._status_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._status_task
+            await asyncio.wait({self._status_task}, timeout=self.config.status_interval_s + 5)
         for session_id, source in list(self.pulls.items()):
             await asyncio.to_thread(source.stop)
             self.pulls.pop(session_id, None)
@@ -434,6 +437,8 @@ class LiveService:
     async def _status_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.status_interval_s)
+            if self._stopping:
+                return
             try:
                 await self.status_tick()
             except Exception:
