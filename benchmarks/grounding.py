@@ -185,7 +185,8 @@ def run_local(
     """offline and oracle, in this process, over the frames `livelens ask` samples."""
     from livelens.model.reference import OfflineReference
     from livelens.model.runner import ModelRunner
-    from livelens.model.session import SamplingParams, VideoSession
+    from livelens.model.sampling import SamplingParams
+    from livelens.model.session import VideoSession
     from livelens.stream.cli import DEFAULT_CHUNK
     from livelens.stream.ingest import sample_file
 

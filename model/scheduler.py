@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from livelens.model.kv import BlockCopy, BlockWrite, KVCacheManager, Placement
 
 if TYPE_CHECKING:
-    from livelens.model.session import SamplingParams
+    from livelens.model.sampling import SamplingParams
 
 
 # --------------------------------------------------------------------------------- config

@@ -566,8 +566,9 @@ def evaluate(
     """Scores of greedy answers through `VideoSession` on held-out scenes (1 fps, 10-60 s)."""
     from livelens.model.loading import LoadedModel
     from livelens.model.runner import ModelRunner
+    from livelens.model.sampling import SamplingParams
     from livelens.model.scoring import Scores
-    from livelens.model.session import SamplingParams, VideoSession
+    from livelens.model.session import VideoSession
 
     was_training = model.training
     model.eval()

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from livelens.model.session import Answer, AppendResult, SamplingParams, SessionError, VideoSession
+from livelens.model.sampling import SamplingParams, SessionError
+from livelens.model.session import Answer, AppendResult, VideoSession
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from livelens.clients import CONSOLE_DIR
-from livelens.model.session import SessionError
+from livelens.model.sampling import SessionError
 from livelens.stream import redact
 from livelens.stream.auth import KeyRing, KeysFileError, Tickets
 from livelens.stream.auth_guard import SCOPE_KEY, AuthGuard

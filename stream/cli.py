@@ -377,7 +377,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def ask_file(args: argparse.Namespace) -> FileAnswer:
     """`livelens ask VIDEO QUESTION`: stream the answer to stdout, then its segments and stats."""
     # Everything cheap is validated before the model loads, so bad input fails in milliseconds.
-    from livelens.model.session import SamplingParams, VideoSession
+    from livelens.model.sampling import SamplingParams
+    from livelens.model.session import VideoSession
 
     _fill_local_defaults(args)
     from livelens.stream.ingest import sample_file
@@ -597,7 +598,7 @@ def run_model_command(command: Callable[[], int], *, verbose: bool = False) -> i
     """Run a command that loads the model; bad input ends with one error line and exit 2."""
     _quiet_libraries(verbose)
     from livelens.model.loading import ModelLoadError
-    from livelens.model.session import SessionError
+    from livelens.model.sampling import SessionError
 
     try:
         return command()

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from livelens.model.runner import ModelRunner
-from livelens.model.session import Answer, AppendResult, SamplingParams, VideoSession
+from livelens.model.sampling import SamplingParams
+from livelens.model.session import Answer, AppendResult, VideoSession
 from livelens.model.worker import FrameCallbacks, QuestionJob, Scheduler
 from livelens.stream.grid import Grid, choose_grid, resize_to_grid
 from livelens.stream.protocol import (

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from livelens.model.session import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MIN_TEMPERATURE
+from livelens.model.sampling import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MIN_TEMPERATURE
 
 MAX_MESSAGE_BYTES = 16 * 1024
 """A client message larger than this is refused without being parsed."""

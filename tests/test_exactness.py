@@ -14,7 +14,8 @@ import torch
 
 from livelens.model.reference import OfflineReference
 from livelens.model.runner import ModelRunner
-from livelens.model.session import SamplingParams, VideoSession
+from livelens.model.sampling import SamplingParams
+from livelens.model.session import VideoSession
 
 HEIGHT, WIDTH = 56, 84  # 2 x 3 merged tokens per frame
 THRESHOLD = 6.0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,7 +128,12 @@ def test_extreme_but_valid_values_are_accepted() -> None:
 
 def test_one_limit_for_answer_length_and_temperature() -> None:
     """The websocket and the model session accept exactly the same values (one definition)."""
-    from livelens.model.session import MAX_NEW_TOKENS, MIN_TEMPERATURE, SamplingParams, SessionError
+    from livelens.model.sampling import (
+        MAX_NEW_TOKENS,
+        MIN_TEMPERATURE,
+        SamplingParams,
+        SessionError,
+    )
 
     def ask(**fields: object) -> AskMessage | CancelMessage:
         return parse_client_message(
@@ -144,3 +151,15 @@ def test_one_limit_for_answer_length_and_temperature() -> None:
             SamplingParams(**refused)  # type: ignore[arg-type]
     assert ask(temperature=MIN_TEMPERATURE).temperature == MIN_TEMPERATURE
     assert ask(temperature=0).temperature == 0
+
+
+def test_protocol_imports_without_torch() -> None:
+    """The websocket protocol (to be shared with clients) and the sampling limits it checks need
+    no torch: importing them with torch made unimportable must work. (The step scheduler is not
+    torch-free yet: model/kv.py still holds the contiguous cache the live session uses.)"""
+    code = (
+        "import sys; sys.modules['torch'] = None; "
+        "import livelens.stream.protocol, livelens.model.sampling"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -21,7 +21,8 @@ from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import
 
 from livelens.model.loading import LoadedModel, load_model
 from livelens.model.reference import OfflineReference, compression_mask
-from livelens.model.session import SamplingParams, SessionError, VideoSession
+from livelens.model.sampling import SamplingParams, SessionError
+from livelens.model.session import VideoSession
 
 PENALTY = 1.3
 PENALTY_TOKENS = 12

@@ -11,6 +11,7 @@ import random
 import pytest
 
 from livelens.model.kv import BlockCopy, BlockPool, BlockWrite, KVCacheManager, Placement
+from livelens.model.sampling import SamplingParams
 from livelens.model.scheduler import (
     FinishReason,
     FullReason,
@@ -25,7 +26,6 @@ from livelens.model.scheduler import (
     StepOutput,
     StepPlan,
 )
-from livelens.model.session import SamplingParams
 
 CONFIG = SchedulerConfig(
     max_tokens_per_step=64,

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from livelens.model.runner import ModelRunner
-from livelens.model.session import Answer, SamplingParams, SessionError, VideoSession
+from livelens.model.sampling import SamplingParams, SessionError
+from livelens.model.session import Answer, VideoSession
 from livelens.model.worker import FrameCallbacks, QuestionJob, Scheduler
 
 HEIGHT, WIDTH = 56, 56
