@@ -12,7 +12,9 @@ token with a plain forward of that sequence alone (fp32). Attention paths tried:
   each query to its own sequence's blocks by a block table (a question shares its video's
   blocks); run eagerly and through torch.compile (transformers' `flex_attention` interface).
 
-Prints a markdown table. Run: python benchmarks/paged_attention.py [--hidden 1536 --layers 2 ...]
+Prints a markdown table, then one summary line
+`max_abs_diff=<x> exact=<bool> fastest=<path> <path>_ms=<median>...`.
+Run: python benchmarks/paged_attention.py [--hidden 1536 --layers 2 ...]
 """
 
 from __future__ import annotations
@@ -257,6 +259,7 @@ def main() -> None:
     )
     print("| path | max abs logit diff | step-2 tokens | first step-2 ms | median step-2 ms |")
     print("|---|---:|---:|---:|---:|")
+    results: dict[str, tuple[float, float]] = {}
     with torch.inference_mode():
         for path in args.paths.split(","):
             kv, step1, step2, full = scenario(config, contexts, args.question, args.extra, seed=1)
@@ -276,8 +279,13 @@ def main() -> None:
             tokens = sum(len(i.ids) for i in step2)
             median = statistics.median(times[1:] or times)
             print(f"| {path} | {diff:.2e} | {tokens} | {times[0]:.1f} | {median:.1f} |")
+            results[path] = (diff, median)
         if args.generate_batch:
             check_generate_batch(model, contexts)
+    fastest = min(results, key=lambda p: results[p][1])
+    worst = max(diff for diff, _ in results.values())
+    ms = " ".join(f"{path}_ms={median:.1f}" for path, (_, median) in results.items())
+    print(f"\nmax_abs_diff={worst:.2e} exact={worst <= 1e-4} fastest={fastest} {ms}")
 
 
 if __name__ == "__main__":
