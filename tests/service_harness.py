@@ -9,7 +9,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
+from aiortc import RTCPeerConnection, RTCSessionDescription
 from fastapi.testclient import TestClient
 
 from livelens.model.runner import ModelRunner
@@ -135,3 +137,16 @@ def ask(ws, message_id: str, question: str = "what happened?", **fields: Any):  
     assert not errors, errors
     tokens = [m["text"] for m in before if m["type"] == "token" and m["id"] == message_id]
     return answer, tokens
+
+
+async def publish_offer(http: httpx.AsyncClient, server: str, pc: RTCPeerConnection) -> str:
+    """POST an aiortc peer's offer to `server`'s WHIP endpoint (no key), apply the answer;
+    returns the session id."""
+    response = await http.post(
+        f"{server}/whip",
+        content=pc.localDescription.sdp,
+        headers={"Content-Type": "application/sdp"},
+    )
+    assert response.status_code == 201, response.text
+    await pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
+    return response.headers["x-livelens-session"]

@@ -18,9 +18,16 @@ import av
 import httpx
 import numpy as np
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc import RTCConfiguration, RTCPeerConnection, VideoStreamTrack
 from browser import serve
-from service_harness import SlowRunner, fast_config, receive_until, running_app, wait_for
+from service_harness import (
+    SlowRunner,
+    fast_config,
+    publish_offer,
+    receive_until,
+    running_app,
+    wait_for,
+)
 from videos import make_video
 
 from livelens.model.runner import ModelRunner
@@ -262,14 +269,7 @@ def test_failed_whip_session_closes_its_peer_connection(runner, redis_server) ->
         await pc.setLocalDescription(await pc.createOffer())
         try:
             async with httpx.AsyncClient(timeout=10) as http:
-                response = await http.post(
-                    f"{url}/whip",
-                    content=pc.localDescription.sdp,
-                    headers={"Content-Type": "application/sdp"},
-                )
-            assert response.status_code == 201, response.text
-            await pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
-            session_id = response.headers["x-livelens-session"]
+                session_id = await publish_offer(http, url, pc)
             for _ in range(400):
                 if pc.connectionState == "closed" or pc.connectionState == "failed":
                     break

@@ -13,9 +13,9 @@ from fractions import Fraction
 import av
 import httpx
 import numpy as np
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc import RTCConfiguration, RTCPeerConnection, VideoStreamTrack
 from browser import serve
-from service_harness import fast_config
+from service_harness import fast_config, publish_offer
 
 from livelens.model.runner import ModelRunner
 from livelens.stream.app import create_app
@@ -68,14 +68,7 @@ def test_a_silent_publisher_is_stalled_then_live_again(tiny_model) -> None:
         pc.addTransceiver(track, direction="sendonly")
         await pc.setLocalDescription(await pc.createOffer())
         async with httpx.AsyncClient(timeout=10) as http:
-            response = await http.post(
-                f"{url}/whip",
-                content=pc.localDescription.sdp,
-                headers={"Content-Type": "application/sdp"},
-            )
-            assert response.status_code == 201, response.text
-            await pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
-            session = f"{url}/v1/sessions/{response.headers['x-livelens-session']}"
+            session = f"{url}/v1/sessions/{await publish_offer(http, url, pc)}"
 
             async def record() -> dict:
                 return (await http.get(session)).json()
