@@ -1,15 +1,10 @@
-"""KV cache memory: the paged block pool of the serving engine, and the contiguous session cache.
+"""KV cache memory: the paged block pool of the serving engine.
 
 The block pool (issue 11) is pure bookkeeping, no tensors: a pool of fixed-size blocks sized
 once from a memory budget (`--kv-budget`), a free list, reference counts, and one block table
 per sequence (a session's video, or a question forked off it). It decides which block slots a
 step writes and which partial block is copied on write; the runner owns the tensors.
-
-`GrowableKVLayer` / `new_session_cache` are the contiguous per-session cache the live service
-still uses (model/worker.py, model/session.py) until the runner executes plans over the pool.
-transformers' DynamicLayer concatenates the whole cache on every update, so each question on a
-long stream would copy the stream's entire KV (O(stream) per token). These layers grow their
-buffers geometrically and write new tokens in place; cropping a question away is free.
+The runner's `PagedKVCache` (model/runner.py) holds the K/V tensors of the pool's blocks.
 """
 
 from __future__ import annotations
@@ -19,92 +14,10 @@ import re
 from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import PreTrainedConfig
-from transformers.cache_utils import Cache, DynamicLayer
-
-# Capacity is reserved in steps of this many tokens (one video frame is ~100 tokens).
-_ROUND = 1024
-
-
-class GrowableKVLayer(DynamicLayer):
-    """DynamicLayer semantics (croppable, unbounded) over an in-place, amortized buffer."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self._key_buf: torch.Tensor | None = None
-        self._value_buf: torch.Tensor | None = None
-        self._length = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        self.is_initialized = True
-        self._reserve(key_states, value_states, key_states.shape[-2])
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        start, end = self._length, self._length + key_states.shape[-2]
-        if end > self._key_buf.shape[-2]:
-            self._reserve(key_states, value_states, end)
-        self._key_buf[..., start:end, :].copy_(key_states)
-        self._value_buf[..., start:end, :].copy_(value_states)
-        self._set_length(end)
-        return self.keys, self.values
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes a negative number of tokens to remove")
-        if self.is_initialized and tokens_to_remove:
-            self._set_length(max(0, self._length + tokens_to_remove))
-
-    def reset(self) -> None:
-        self._key_buf = self._value_buf = None
-        self._length = 0
-        super().reset()
-
-    def get_seq_length(self) -> int:
-        return self._length if self.is_initialized else 0
-
-    @property
-    def reserved_bytes(self) -> int:
-        if self._key_buf is None:
-            return 0
-        return self._key_buf.nbytes + self._value_buf.nbytes
-
-    def _reserve(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
-        old = 0 if self._key_buf is None else self._key_buf.shape[-2]
-        capacity = max(needed, old + old // 2)
-        capacity = -(-capacity // _ROUND) * _ROUND
-        shape = (*key_states.shape[:-2], capacity, key_states.shape[-1])
-        key_buf = key_states.new_empty(shape)
-        value_buf = value_states.new_empty((*shape[:-1], value_states.shape[-1]))
-        if self._length:
-            key_buf[..., : self._length, :].copy_(self.keys)
-            value_buf[..., : self._length, :].copy_(self.values)
-        self._key_buf, self._value_buf = key_buf, value_buf
-        self._set_length(self._length)
-
-    def _set_length(self, length: int) -> None:
-        self._length = length
-        self.keys = self._key_buf[..., :length, :]
-        self.values = self._value_buf[..., :length, :]
-
-
-def new_session_cache(text_config: PreTrainedConfig) -> Cache:
-    """One growable layer per decoder layer of the model's text config."""
-    return Cache(layers=[GrowableKVLayer() for _ in range(text_config.num_hidden_layers)])
-
-
-def reserved_bytes(cache: Cache) -> int:
-    """Device memory the cache holds, including room reserved for growth."""
-    return sum(getattr(layer, "reserved_bytes", 0) for layer in cache.layers)
-
-
-# ------------------------------------------------------------------------------ paged pool
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 DEFAULT_BLOCK_SIZE = 16
 """Tokens per block: small enough that a question's copied partial block is cheap, large enough
@@ -235,31 +148,46 @@ class PoolExhausted(RuntimeError):
 
 
 class BlockPool:
-    """Block ids 0..n-1 with reference counts; free blocks are reused oldest-freed first."""
+    """Block ids 0..n-1 with reference counts.
+
+    Freed blocks are reused oldest-freed first, and before any never-used block: the blocks in
+    use stay packed at the low ids, so storage that grows with the highest id in use (the CPU
+    runner's) grows with peak use, not with the pool.
+    """
 
     def __init__(self, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need >= 1 block of >= 1 token, got {num_blocks} x {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self._recycled: deque[int] = deque()
+        self._fresh = 0
+        """Blocks [_fresh, num_blocks) were never handed out."""
         self._refs = [0] * num_blocks
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._recycled) + self.num_blocks - self._fresh
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
+
+    @property
+    def high_water(self) -> int:
+        """One past the highest block id ever handed out."""
+        return self._fresh
 
     def refcount(self, block: int) -> int:
         return self._refs[block]
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise PoolExhausted(f"{n} blocks asked, {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(n)]
+        if n > self.num_free:
+            raise PoolExhausted(f"{n} blocks asked, {self.num_free} free")
+        blocks = [self._recycled.popleft() for _ in range(min(n, len(self._recycled)))]
+        fresh = n - len(blocks)
+        blocks += range(self._fresh, self._fresh + fresh)
+        self._fresh += fresh
         for block in blocks:
             self._refs[block] = 1
         return blocks
@@ -279,7 +207,7 @@ class BlockPool:
             self._refs[block] -= 1
             if self._refs[block] == 0:
                 freed.append(block)
-                self._free.append(block)
+                self._recycled.append(block)
         return freed
 
 

@@ -1,21 +1,161 @@
-"""Tensor work on transformers' VideoLLaMA3 modules: vision encoding, prefill, decode steps.
+"""Tensor work of one engine step on transformers' VideoLLaMA3 modules, over a paged KV cache.
 
-The session calls the model's own submodules (vision tower + projector, Qwen2 decoder, lm_head)
-instead of the top-level forward so that video prefill never pays for the vocabulary projection
-and visual features can be masked by DiffFP before they enter the LLM.
+`ModelRunner.execute(plan, inputs)` runs everything a `StepPlan` (model/scheduler.py) asks for,
+batched across sessions and answers:
+
+1. the plan's copy-on-write block copies;
+2. ONE packed vision pass over every frame of the step (one `video_grid_thw` row per frame, so
+   the vision tower's per-frame `cu_seqlens` keep frames independent and sessions may differ in
+   grid), after which DiffFP's keep masks select the kept visual tokens;
+3. ONE forward of the Qwen2 decoder over the concatenation of every session's new frame tokens,
+   every forked question's prompt and every answer's decode token, with each token's position
+   in its own sequence. The decoder's attention layers call `PagedKVCache.update`, which writes
+   the step's keys and values at the plan's slots and hands back the keys each sequence may read.
+   The mask is prebuilt (`attention_mask={"full_attention": ...}`), so transformers' mask builder
+   is skipped and its registered attention interface (sdpa here) does the arithmetic.
+
+The logits of a question's last prompt token and of every decode token come back per request;
+sampling is the engine's. The same code runs on the CPU and the GPU; only the kernel behind
+transformers' attention interface differs (see docs/engine.md).
 """
 
 from __future__ import annotations
 
-import torch
-from transformers.cache_utils import Cache
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from livelens.model.kv import new_session_cache
+import torch
+
+from livelens.model.kv import BlockCopy, KVLayout
 from livelens.model.loading import LoadedModel
+from livelens.model.scheduler import StepPlan
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@dataclass(frozen=True)
+class FrameInput:
+    """One frame as the runner needs it: DiffFP's output and the label text before it."""
+
+    patches: torch.Tensor
+    """(gh * gw, 3 * p * p) normalized pixel patches, VideoLLaMA3 patch order."""
+    gh: int
+    gw: int
+    keep: torch.Tensor
+    """(tokens,) bool: the merged visual tokens DiffFP keeps."""
+    label_ids: tuple[int, ...]
+    """Text tokens before the kept visual tokens (empty when the frame keeps no token: its
+    label then joins the next frame's text)."""
+
+    @property
+    def kept(self) -> int:
+        return int(self.keep.sum())
+
+
+class PagedKVCache:
+    """Per-layer K and V storage of the block pool, addressed by slot (block * size + offset).
+
+    transformers' attention layers call `update(key, value, layer_idx, kwargs=...)` once per
+    layer: the step's new keys go to `write` slots, and the keys at `read` slots (every sequence
+    of the step, concatenated) come back for the attention kernel. On the GPU the storage is
+    allocated once for the whole pool; on the CPU it grows with the highest block in use (the
+    pool hands out freed blocks before fresh ones), so a large budget costs nothing until used.
+    """
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        num_blocks: int,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        preallocate: bool,
+    ) -> None:
+        self.layout = layout
+        self.block_size = layout.block_size
+        self.num_blocks = num_blocks
+        self.device, self.dtype = device, dtype
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.capacity = 0
+        self.write: torch.Tensor | None = None
+        self.read: torch.Tensor | None = None
+        self.ensure(num_blocks if preallocate else min(num_blocks, 64))
+
+    def ensure(self, blocks: int) -> None:
+        """Make block ids < `blocks` addressable (geometric growth, capped at the pool)."""
+        if blocks <= self.capacity:
+            return
+        if blocks > self.num_blocks:
+            raise ValueError(f"block {blocks - 1} is outside the pool of {self.num_blocks}")
+        capacity = min(self.num_blocks, max(blocks, 2 * self.capacity))
+        shape = (capacity * self.block_size, self.layout.kv_heads, self.layout.head_dim)
+        grown = []
+        for old in (*self.keys, *self.values) or [None] * (2 * self.layout.layers):
+            new = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            if old is not None:
+                new[: old.shape[0]] = old
+            grown.append(new)
+        self.keys, self.values = grown[: self.layout.layers], grown[self.layout.layers :]
+        self.capacity = capacity
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def copy_blocks(self, copies: Sequence[BlockCopy]) -> None:
+        """Copy-on-write: slots [0, count) of each `src` block into its `dst` block."""
+        if not copies:
+            return
+        size = self.block_size
+        src = torch.tensor(
+            [c.src * size + i for c in copies for i in range(c.count)], device=self.device
+        )
+        dst = torch.tensor(
+            [c.dst * size + i for c in copies for i in range(c.count)], device=self.device
+        )
+        for store in (*self.keys, *self.values):
+            store.index_copy_(0, dst, store.index_select(0, src))
+
+    def bind(self, write: torch.Tensor, read: torch.Tensor) -> None:
+        self.write, self.read = write, read
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """(1, kv_heads, tokens, dim) new keys in; (1, kv_heads, read, dim) keys out."""
+        assert self.write is not None and self.read is not None, "bind() before the forward"
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.index_copy_(0, self.write, key_states[0].transpose(0, 1).to(self.dtype))
+        values.index_copy_(0, self.write, value_states[0].transpose(0, 1).to(self.dtype))
+        k = keys.index_select(0, self.read).transpose(0, 1).unsqueeze(0)
+        v = values.index_select(0, self.read).transpose(0, 1).unsqueeze(0)
+        return k, v
+
+
+@dataclass
+class _Sequence:
+    """One sequence's share of the packed forward."""
+
+    embeds: list[torch.Tensor]
+    start: int
+    table: tuple[int, ...]
+    request_id: str | None = None
+    """Set for questions and decodes: the logits of its last token are wanted."""
+
+    @property
+    def tokens(self) -> int:
+        return sum(e.shape[0] for e in self.embeds)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    logits: dict[str, torch.Tensor]
+    """Request id -> float32 logits of its next token (vocabulary,)."""
+    features: dict[tuple[str, int], torch.Tensor]
+    """(session id, frame index) -> the kept projected visual features the frame prefilled."""
 
 
 class ModelRunner:
-    """Stateless tensor operations over one loaded model; sessions own the caches."""
+    """The model's tensor operations for the engine; owns the paged KV storage."""
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
@@ -25,39 +165,156 @@ class ModelRunner:
         self._embed = self.model.get_input_embeddings()
         self.merge_size = 2
         self.patch_size = int(self.model.config.vision_config.patch_size)
+        self.text_config = self.model.config.text_config
+        self.kv: PagedKVCache | None = None
 
-    def new_cache(self) -> Cache:
-        return new_session_cache(self.model.config.text_config)
+    # --------------------------------------------------------------- storage
+    def kv_layout(self, block_size: int) -> KVLayout:
+        return KVLayout.from_text_config(
+            self.text_config, _DTYPE_NAMES.get(self.dtype, "float32"), block_size
+        )
+
+    def allocate_kv(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        """The storage of a pool of `num_blocks` blocks (all of it up front on an accelerator)."""
+        self.kv = PagedKVCache(
+            self.kv_layout(block_size),
+            num_blocks,
+            device=self.device,
+            dtype=self.dtype,
+            preallocate=self.device.type != "cpu",
+        )
+        return self.kv
+
+    # ------------------------------------------------------------- one step
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan, frames: Mapping[tuple[str, int], FrameInput]) -> StepResult:
+        """Run a plan; `frames` holds the input of every frame the plan prefills."""
+        kv = self.kv
+        if kv is None:
+            raise RuntimeError("allocate_kv() before execute()")
+        highest = max((b for p in plan.placements for b in p.allocated), default=-1)
+        kv.ensure(highest + 1)
+        kv.copy_blocks(plan.copies)
+
+        wanted = [
+            (prefill.session_id, frame.index)
+            for prefill in plan.frames
+            for frame in prefill.frames
+            if frame.tokens
+        ]
+        features = self.encode([frames[key] for key in wanted])
+        kept = dict(zip(wanted, features, strict=True))
+
+        sequences = [
+            _Sequence(
+                [self.embed_tokens([d.token_id])], d.placement.start, d.block_table, d.request_id
+            )
+            for d in plan.decodes
+        ]
+        sequences += [
+            _Sequence(
+                [self.embed_tokens(q.token_ids)], q.placement.start, q.block_table, q.request_id
+            )
+            for q in plan.questions
+        ]
+        for prefill in plan.frames:
+            embeds = []
+            for frame in prefill.frames:
+                if not frame.tokens:
+                    continue
+                embeds += [
+                    self.embed_tokens(frames[(prefill.session_id, frame.index)].label_ids),
+                    kept[(prefill.session_id, frame.index)],
+                ]
+            if embeds:
+                sequences.append(_Sequence(embeds, prefill.placement.start, prefill.block_table))
+        logits = self.forward(sequences) if sequences else {}
+        return StepResult(logits=logits, features=kept)
+
+    def encode(self, frames: Sequence[FrameInput]) -> list[torch.Tensor]:
+        """ONE vision pass over `frames` (any grids) -> each frame's kept features (n_i, D)."""
+        if not frames:
+            return []
+        out = self.encode_frames(
+            torch.cat([f.patches for f in frames]), [(f.gh, f.gw) for f in frames]
+        )
+        return [feats[f.keep.to(feats.device)] for feats, f in zip(out, frames, strict=True)]
 
     @torch.inference_mode()
-    def encode_frames(self, patches: torch.Tensor, frames: int, gh: int, gw: int) -> torch.Tensor:
-        """Vision tower + projector for `frames` frames of gh x gw patches -> (frames*tokens, D).
-
-        Vision attention is per frame (cu_seqlens per frame), so a chunk encodes exactly as the
-        same frames would inside a whole-video forward.
-        """
-        grid = torch.tensor([[frames, gh, gw]], device=self.device)
-        merge = torch.tensor([self.merge_size], device=self.device)
+    def encode_frames(
+        self, patches: torch.Tensor, grids: Sequence[tuple[int, int]]
+    ) -> list[torch.Tensor]:
+        """Vision tower + projector over packed frames -> per frame (tokens, D) features."""
+        grid = torch.tensor([[1, gh, gw] for gh, gw in grids], device=self.device)
+        merge = torch.full((len(grids),), self.merge_size, device=self.device)
         out = self.model.model.get_video_features(
             pixel_values_videos=patches.to(self.device, self.dtype),
             video_grid_thw=grid,
             video_merge_sizes=merge,
             return_dict=True,
         )
-        return torch.cat(out.pooler_output, dim=0)
+        return list(out.pooler_output)
 
     @torch.inference_mode()
-    def embed_tokens(self, ids: list[int]) -> torch.Tensor:
-        return self._embed(torch.tensor(ids, device=self.device, dtype=torch.long))
+    def embed_tokens(self, ids: Sequence[int]) -> torch.Tensor:
+        return self._embed(torch.tensor(list(ids), device=self.device, dtype=torch.long))
 
     @torch.inference_mode()
-    def prefill(self, embeds: torch.Tensor, cache: Cache) -> torch.Tensor:
-        """Run (L, D) embeddings through the decoder, appending to `cache`; returns last hidden."""
-        out = self.model.model.language_model(
-            inputs_embeds=embeds.unsqueeze(0).to(self.dtype), cache=cache, use_cache=True
+    def forward(self, sequences: list[_Sequence]) -> dict[str, torch.Tensor]:
+        """The packed decoder forward; returns the logits of each request's last token."""
+        kv = self.kv
+        assert kv is not None
+        size = kv.block_size
+        write, read, q_seq, q_pos, k_seq, k_pos, last = [], [], [], [], [], [], {}
+        offset = 0
+        for i, seq in enumerate(sequences):
+            end = seq.start + seq.tokens
+            table = torch.tensor(seq.table, dtype=torch.long)
+            positions = torch.arange(end)
+            slots = table[positions // size] * size + positions % size
+            write.append(slots[seq.start :])
+            read.append(slots)
+            q_seq.append(torch.full((seq.tokens,), i))
+            q_pos.append(positions[seq.start :])
+            k_seq.append(torch.full((end,), i))
+            k_pos.append(positions)
+            offset += seq.tokens
+            if seq.request_id is not None:
+                last[seq.request_id] = offset - 1
+        q_seq_t, q_pos_t, k_seq_t, k_pos_t = map(torch.cat, (q_seq, q_pos, k_seq, k_pos))
+        allowed = (q_seq_t[:, None] == k_seq_t[None]) & (k_pos_t[None] <= q_pos_t[:, None])
+        mask = torch.zeros(allowed.shape, dtype=self.dtype)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        kv.bind(torch.cat(write).to(self.device), torch.cat(read).to(self.device))
+        embeds = torch.cat([e for seq in sequences for e in seq.embeds]).to(self.dtype)
+        hidden = self.prefill_packed(
+            embeds, q_pos_t.to(self.device), mask[None, None].to(self.device), kv
         )
-        return out.last_hidden_state[0, -1]
+        if not last:
+            return {}
+        rows = torch.tensor(list(last.values()), device=self.device)
+        logits = self.logits(hidden[rows], list(last))
+        return dict(zip(last, logits, strict=True))
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def prefill_packed(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        kv: PagedKVCache,
+    ) -> torch.Tensor:
+        """The decoder over packed (L, D) embeddings -> (L, D) last hidden states."""
+        out = self.model.model.language_model(
+            inputs_embeds=embeds.unsqueeze(0),
+            position_ids=positions.unsqueeze(0),
+            attention_mask={"full_attention": mask},
+            cache=kv,
+            use_cache=True,
+        )
+        return out.last_hidden_state[0]
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor, request_ids: Sequence[str]) -> torch.Tensor:
+        """(n, D) hidden states of `request_ids`' last tokens -> (n, vocab) float32 logits."""
         return self.model.lm_head(hidden).float()

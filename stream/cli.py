@@ -96,6 +96,8 @@ def _add_client_options(parser: argparse.ArgumentParser, *, server_required: boo
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from livelens.model.kv import DEFAULT_KV_BUDGET
+
     parser = argparse.ArgumentParser(
         prog="livelens", description="Ask questions about live video, answered with timestamps."
     )
@@ -244,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=8,
         help="sampled frames a session may queue for the model before the oldest are dropped",
+    )
+    serve.add_argument(
+        "--kv-budget",
+        default=DEFAULT_KV_BUDGET,
+        help="KV cache pool for all sessions: bytes ('8GiB', '512MB') or a fraction of the "
+        "device memory free after loading the model (default %(default)s); a new session is "
+        "refused with 503 kv_pool_exhausted when the pool cannot hold its minimum",
     )
     serve.add_argument(
         "--thumbnails",

@@ -2,7 +2,7 @@
 
 Sources call `push()` for every decoded frame, from their own thread or the event loop; it only
 counts, samples by media time, and converts the few sampled frames to the session grid before
-handing them to the scheduler's bounded buffer. Answers and status go to the watchers (one per
+handing them to the engine's bounded inbox. Answers and status go to the watchers (one per
 websocket) through bounded asyncio queues; the model's callbacks hop onto the loop first.
 """
 
@@ -20,10 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from livelens.model.runner import ModelRunner
+from livelens.model.engine import Answer, AppendResult, Engine, FrameCallbacks, QuestionJob
 from livelens.model.sampling import SamplingParams
-from livelens.model.session import Answer, AppendResult, VideoSession
-from livelens.model.worker import FrameCallbacks, QuestionJob, Scheduler
 from livelens.stream.grid import Grid, choose_grid, resize_to_grid
 from livelens.stream.protocol import (
     AnswerMessage,
@@ -118,8 +116,7 @@ class LiveSession:
         *,
         kind: str,
         source: str,
-        runner: ModelRunner,
-        scheduler: Scheduler,
+        engine: Engine,
         settings: SessionSettings,
         loop: asyncio.AbstractEventLoop,
         on_history: HistorySink,
@@ -131,8 +128,7 @@ class LiveSession:
         self.source = source
         self.settings = settings
         self.created = time.time()
-        self.runner = runner
-        self.scheduler = scheduler
+        self.engine = engine
         self.loop = loop
         self._on_history = on_history
         self._on_state = on_state
@@ -146,7 +142,8 @@ class LiveSession:
         self.watchers: set[Watcher] = set()
         self.sampler = FpsSampler(settings.fps)
         self.grid: Grid | None = None
-        self.session: VideoSession | None = None
+        self.model_started = False
+        """The engine knows the session's grid (set at the first sampled frame)."""
         self.wall_zero: float | None = None
         """Wall-clock time of media time 0 (the first frame's arrival)."""
         self._lock = threading.Lock()
@@ -193,33 +190,32 @@ class LiveSession:
             self._sampled.inc()
         if first:
             self.loop.call_soon_threadsafe(self._set_state, State.LIVE, None)
-        if self.grid is None or self.session is None:
+        if self.grid is None or not self.model_started:
             return
         # Conversion and resizing only for sampled frames: the rest are never looked at.
         image = resize_to_grid(decoded.frame, self.grid)
         self.last_sampled = (decoded.time, image)
-        self.scheduler.submit_frame(self.id, image, decoded.time)
+        self.engine.submit_frame(self.id, image, decoded.time)
         self.thumbnails.add(decoded.time, image)
 
     def _start_model(self, decoded: DecodedFrame) -> None:
         height, width = decoded.frame.height, decoded.frame.width
         try:
             self.grid = choose_grid(height, width, tokens_per_frame=self.settings.tokens_per_frame)
-            self.session = VideoSession(
-                self.runner,
+            self.engine.configure(
+                self.id,
                 height=self.grid.height,
                 width=self.grid.width,
                 threshold=self.settings.prune_threshold,
                 min_tokens=self.settings.min_tokens,
+                callbacks=FrameCallbacks(self._appended, self._append_failed),
             )
-        except ValueError as exc:
+        except (ValueError, KeyError) as exc:
             self.loop.call_soon_threadsafe(
                 self.finish, f"unsupported frame size {width}x{height}: {exc}", True
             )
             return
-        self.scheduler.open(
-            self.id, self.session, FrameCallbacks(self._appended, self._append_failed)
-        )
+        self.model_started = True
         logger.info(
             "session %s: %sx%s -> grid %sx%s (%s tokens/frame)",
             self.id,
@@ -303,7 +299,7 @@ class LiveSession:
                 )
             )
             return
-        if self.session is None:
+        if not self.model_started:
             watcher.send(
                 dump(
                     ErrorMessage(
@@ -340,7 +336,19 @@ class LiveSession:
         )
         job = QuestionJob(message.question, params, on_start, on_token, on_done, on_error)
         watcher.jobs[message.id] = job
-        self.scheduler.submit_question(self.id, job)
+        try:
+            self.engine.submit_question(self.id, job)
+        except KeyError:  # the session's model state was released
+            watcher.jobs.pop(message.id, None)
+            watcher.send(
+                dump(
+                    ErrorMessage(
+                        id=message.id,
+                        code="session_released",
+                        message="the session's video is no longer held; ask another session",
+                    )
+                )
+            )
 
     def _over_question_limit(self, watcher: Watcher) -> str | None:
         """Why one more question of `watcher` is refused, or None if it may queue."""
@@ -350,7 +358,7 @@ class LiveSession:
                 f"this connection has {mine} questions waiting or being answered, its limit; "
                 "wait for an answer or cancel one"
             )
-        queued = self.scheduler.questions(self.id)
+        queued = self.engine.questions(self.id)
         if queued >= self.settings.max_questions:
             return (
                 f"the session has {queued} questions waiting or being answered, its limit; "
@@ -396,9 +404,7 @@ class LiveSession:
                         "question": job.question,
                         "text": "",
                         "segments": [],
-                        "stream_position": (self.session.stats.last_time or 0.0)
-                        if self.session is not None
-                        else 0.0,
+                        "stream_position": self._position() or 0.0,
                         "live_edge": self.live_edge,
                         "lag": None,
                         "latency_ms": {"queue": waited * 1e3, "ttft": 0.0, "total": waited * 1e3},
@@ -473,8 +479,7 @@ class LiveSession:
 
     # --------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:
-        session = self.session
-        stats = session.stats if session is not None else None
+        stats = self.engine.stats(self.id)
         position = stats.last_time if stats else None
         edge = self.live_edge
         return dump(
@@ -484,17 +489,17 @@ class LiveSession:
                 reason=self.reason or self.model_closed_reason,
                 frames_received=self.frames_received,
                 frames_sampled=self.frames_sampled,
-                frames_dropped=self.scheduler.dropped(self.id),
+                frames_dropped=self.engine.dropped(self.id),
                 frames_in_model=stats.frames if stats else 0,
                 kept_tokens=stats.kept_tokens if stats else 0,
                 total_tokens=stats.total_tokens if stats else 0,
                 kept_ratio=stats.kept_ratio if stats and stats.total_tokens else None,
                 kv_tokens=stats.kv_tokens if stats else 0,
-                kv_bytes=session.kv_bytes() if session is not None else 0,
+                kv_bytes=stats.kv_bytes if stats else 0,
                 live_edge=edge,
                 stream_position=position,
                 lag=self._lag(edge, position),
-                questions_waiting=self.scheduler.questions(self.id),
+                questions_waiting=self.engine.questions(self.id),
                 time=iso(time.time()),
             )
         )
@@ -511,10 +516,14 @@ class LiveSession:
             lag = max(lag, now - self.wall_zero - position)
         return max(0.0, lag)
 
+    def _position(self) -> float | None:
+        stats = self.engine.stats(self.id)
+        return stats.last_time if stats else None
+
     def release_model(self) -> None:
-        """Drop the session's KV cache (the session is gone or its retention ran out)."""
-        self.scheduler.close(self.id)
-        self.session = None
+        """Drop the session's KV blocks (the session is gone or its retention ran out)."""
+        self.engine.close_session(self.id)
+        self.model_started = False
 
 
 def _log_failure(task: asyncio.Task[object]) -> None:

@@ -33,6 +33,24 @@ class Metrics:
         self.kv_bytes = Gauge(
             "livelens_kv_bytes", "Device memory held by all sessions' KV caches", registry=r
         )
+        self.kv_blocks = Gauge(
+            "livelens_kv_pool_blocks",
+            "KV cache pool blocks, used and total",
+            ["state"],
+            registry=r,
+        )
+        self.sessions_refused = Counter(
+            "livelens_sessions_refused",
+            "Sessions refused at admission, by reason (kv_pool_exhausted, too_many_sessions, ...)",
+            ["reason"],
+            registry=r,
+        )
+        self.engine_steps = Gauge(
+            "livelens_engine_steps", "Engine steps run since start", registry=r
+        )
+        self.engine_busy = Gauge(
+            "livelens_engine_busy_seconds", "Seconds the engine spent executing steps", registry=r
+        )
         self.ttft = Histogram(
             "livelens_answer_ttft_seconds",
             "Question prefill until the first answer token",

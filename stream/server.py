@@ -65,6 +65,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
+    from livelens.model.kv import KVBudget
     from livelens.model.loading import load_model
     from livelens.model.runner import ModelRunner
     from livelens.stream import limits as limit_flags
@@ -111,6 +112,12 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         from livelens.stream.cli import UsageError
 
         raise UsageError(str(exc)) from None
+    try:
+        KVBudget.parse(args.kv_budget)
+    except ValueError as exc:
+        from livelens.stream.cli import UsageError
+
+        raise UsageError(f"--kv-budget: {exc}") from None
     sources = source_policy(args)
     redis_url = None if args.redis_url.lower() in ("", "none") else args.redis_url
 
@@ -122,6 +129,7 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         prune_threshold=threshold,
         tokens_per_frame=tokens_per_frame,
         max_pending_frames=args.max_pending_frames,
+        kv_budget=args.kv_budget,
         max_sessions=args.max_sessions,
         thumbnails=args.thumbnails,
         status_interval_s=interval,

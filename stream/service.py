@@ -1,7 +1,7 @@
 """The live service's core: sessions by id, their sources, the model scheduler, the registry.
 
 The ASGI app (stream/app.py) is a thin HTTP/websocket layer over this object; everything here
-runs on the event loop except model work (the scheduler's thread) and pull decoding (one thread
+runs on the event loop except model work (the engine's thread) and pull decoding (one thread
 per pull source).
 """
 
@@ -18,8 +18,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from livelens.model.engine import Engine, EngineConfig
+from livelens.model.kv import DEFAULT_KV_BUDGET
 from livelens.model.runner import ModelRunner
-from livelens.model.worker import Scheduler
+from livelens.model.scheduler import Refusal, Refused
 from livelens.stream.errors import SourceError
 from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, MIN_TOKENS_PER_FRAME
 from livelens.stream.limits import LimitsConfig
@@ -62,6 +64,9 @@ class ServiceConfig:
     """Merged visual tokens per frame before pruning; at least MIN_TOKENS_PER_FRAME (16)."""
     max_pending_frames: int = 8
     """Sampled frames a session may have waiting for the model before the oldest is dropped."""
+    kv_budget: str = DEFAULT_KV_BUDGET
+    """KV cache pool: bytes (`8GiB`) or a fraction of the device memory free after loading the
+    model (`0.8`). A session is admitted only if the pool can hold its minimum."""
     thumbnails: int = DEFAULT_CAPACITY
     """JPEG thumbnails each session keeps of its newest sampled frames (served by REST)."""
     max_sessions: int = 16
@@ -105,13 +110,26 @@ class ServiceError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+class SessionRefused(RuntimeError):
+    """A WHIP publication the service cannot take; `code` is the machine-readable reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class LiveService:
     """Owns every live session of this node."""
 
     def __init__(self, runner: ModelRunner, config: ServiceConfig | None = None) -> None:
         self.runner = runner
         self.config = config or ServiceConfig()
-        self.scheduler = Scheduler(max_pending_frames=self.config.max_pending_frames)
+        self.engine = Engine(
+            runner,
+            EngineConfig(
+                kv_budget=self.config.kv_budget, max_pending_frames=self.config.max_pending_frames
+            ),
+        )
         self.metrics = Metrics()
         self.sessions: dict[str, LiveSession] = {}
         self.pulls: dict[str, PullSource] = {}
@@ -135,7 +153,7 @@ class LiveService:
             ttl_s=max(15.0, 5 * self.config.status_interval_s),
             retry_s=self.config.redis_retry_s,
         )
-        self.scheduler.start()
+        self.engine.start()
         self._status_task = asyncio.create_task(self._status_loop(), name="livelens-status")
 
     async def drain(self, timeout_s: float) -> None:
@@ -179,7 +197,7 @@ class LiveService:
         await asyncio.sleep(0)  # let the state announcements run
         for session in ending:
             await self._sync_record(session)
-        await asyncio.to_thread(self.scheduler.stop)
+        await asyncio.to_thread(self.engine.stop)
         if self.registry is not None:
             await self.registry.close()
 
@@ -207,12 +225,14 @@ class LiveService:
             raise ServiceError(503, "draining", DRAINING_MESSAGE)
         live = sum(s.state < State.ENDED for s in self.sessions.values())
         if live >= self.config.max_sessions:
+            self.metrics.sessions_refused.labels("too_many_sessions").inc()
             raise ServiceError(
                 503,
                 "too_many_sessions",
                 f"this node holds {live} live sessions, its limit; try again later",
             )
         self._make_room()
+        self._admit(session_id)
         limits = self.config.limits
         settings = SessionSettings(
             fps=fps or self.config.fps,
@@ -228,8 +248,7 @@ class LiveService:
             session_id,
             kind=kind,
             source=source,
-            runner=self.runner,
-            scheduler=self.scheduler,
+            engine=self.engine,
             settings=settings,
             loop=self.loop,
             on_history=self.registry.append_history,
@@ -241,12 +260,34 @@ class LiveService:
         logger.info("session %s opened (%s: %s)", session.id, kind, source)
         return session
 
+    def _admit(self, session_id: str) -> None:
+        """Promise the session its minimum of KV blocks, or refuse it with 503.
+
+        Running sessions are never evicted to make room; ended ones (kept only so their video
+        can still be asked about) are freed, oldest first, before a new session is refused.
+        """
+        ended = sorted(
+            (s for s in self.sessions.values() if s.ended_at is not None),
+            key=lambda s: s.ended_at or 0.0,
+        )
+        while True:
+            try:
+                self.engine.open_session(session_id)
+                return
+            except Refused as exc:
+                if exc.reason is not Refusal.KV_POOL_EXHAUSTED or not ended:
+                    self.metrics.sessions_refused.labels(exc.reason.value).inc()
+                    raise ServiceError(
+                        503, exc.reason.value, f"{exc}; try again later or another node"
+                    ) from None
+                self._forget(ended.pop(0), "its KV blocks were needed by a new session")
+
     def open_whip(self, source: str) -> LiveSession:
         """The WHIP endpoint's session opener."""
         try:
             return self.open_session("whip", source)
         except ServiceError as exc:
-            raise RuntimeError(exc.message) from None
+            raise SessionRefused(exc.code, exc.message) from None
 
     def _make_room(self) -> None:
         """Free the oldest ended sessions while the node holds max_held_sessions or more."""
@@ -453,9 +494,8 @@ class LiveService:
         for session in list(self.sessions.values()):
             session.check_stalled(self.config.stall_after_s)
             counts[session.state.label] += 1
-            if session.session is not None:
-                kv += session.session.kv_bytes()
             status = session.status()
+            kv += status["kv_bytes"]
             for watcher in list(session.watchers):
                 watcher.send(status)
             if session.state < State.ENDED:
@@ -468,6 +508,11 @@ class LiveService:
         for state, n in counts.items():
             self.metrics.sessions.labels(state).set(n)
         self.metrics.kv_bytes.set(kv)
+        used, total = self.engine.pool_usage()
+        self.metrics.kv_blocks.labels("used").set(used)
+        self.metrics.kv_blocks.labels("total").set(total)
+        self.metrics.engine_steps.set(self.engine.steps)
+        self.metrics.engine_busy.set(self.engine.busy_seconds)
         self.metrics.redis_connected.set(1 if self.registry.connected else 0)
 
 

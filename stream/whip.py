@@ -673,7 +673,8 @@ class WhipIngest:
         try:
             sink = sink_opener(source_desc)
         except RuntimeError as exc:
-            raise WhipError(503, "unavailable", f"cannot start a live session: {exc}") from None
+            code = getattr(exc, "code", "unavailable")
+            raise WhipError(503, code, f"cannot start a live session: {exc}") from None
         if sink.session_id in self._peers:
             sink.finish("duplicate session id", failed=True)
             raise WhipError(500, "internal", f"session id {sink.session_id} is already in use")

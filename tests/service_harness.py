@@ -22,20 +22,21 @@ from livelens.stream.sources.policy import SourcePolicy
 
 
 class SlowRunner(ModelRunner):
-    """The real tiny model, made deliberately slow: each vision encode and prefill sleeps first."""
+    """The real tiny model, made deliberately slow: each vision pass and decoder forward sleeps
+    first."""
 
     def __init__(self, loaded, *, encode_delay: float = 0.0, prefill_delay: float = 0.0) -> None:
         super().__init__(loaded)
         self.encode_delay = encode_delay
         self.prefill_delay = prefill_delay
 
-    def encode_frames(self, patches: torch.Tensor, frames: int, gh: int, gw: int) -> torch.Tensor:
+    def encode_frames(self, patches, grids):  # type: ignore[no-untyped-def]
         time.sleep(self.encode_delay)
-        return super().encode_frames(patches, frames, gh, gw)
+        return super().encode_frames(patches, grids)
 
-    def prefill(self, embeds, cache):  # type: ignore[no-untyped-def]
+    def prefill_packed(self, embeds, positions, mask, kv):  # type: ignore[no-untyped-def]
         time.sleep(self.prefill_delay)
-        return super().prefill(embeds, cache)
+        return super().prefill_packed(embeds, positions, mask, kv)
 
 
 class SteeredRunner(ModelRunner):
@@ -43,9 +44,8 @@ class SteeredRunner(ModelRunner):
 
     Everything runs for real (vision encoder, DiffFP, prefill into the KV cache, decoding,
     streaming, grounding); only the LM head's logits get a large bonus on the next token of
-    `text`. A random-weight model almost never writes a time, so tests that need an answer with
-    segments (the console's timeline, the CLI's segment lines) use this. The step counter
-    restarts whenever more than one token is embedded (a question's prompt); decoding embeds one.
+    `text`, counted per answer. A random-weight model almost never writes a time, so tests that
+    need an answer with segments (the console's timeline, the CLI's segment lines) use this.
     """
 
     BONUS = 1e4
@@ -55,18 +55,15 @@ class SteeredRunner(ModelRunner):
         tokenizer = loaded.tokenizer
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         self.target = [*ids, tokenizer.convert_tokens_to_ids("<|im_end|>")]
-        self._step = 0
+        self._steps: dict[str, int] = {}
 
-    def embed_tokens(self, ids: list[int]) -> torch.Tensor:
-        if len(ids) > 1:
-            self._step = 0
-        return super().embed_tokens(ids)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = super().logits(hidden).clone()  # inference tensors are read-only
-        if self._step < len(self.target):
-            logits[self.target[self._step]] += self.BONUS
-            self._step += 1
+    def logits(self, hidden: torch.Tensor, request_ids) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        logits = super().logits(hidden, request_ids).clone()  # inference tensors are read-only
+        for row, request_id in enumerate(request_ids):
+            step = self._steps.get(request_id, 0)
+            if step < len(self.target):
+                logits[row, self.target[step]] += self.BONUS
+            self._steps[request_id] = step + 1
         return logits
 
 

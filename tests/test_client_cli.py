@@ -137,9 +137,9 @@ def test_ask_server_streams_the_answer_and_prints_segments(
     sid = _pull(url, clip, loop=True)
     wait_for(lambda: _position(service, sid) >= 1.0, timeout=30)
     jobs = []
-    submit = service.scheduler.submit_question
+    submit = service.engine.submit_question
     monkeypatch.setattr(
-        service.scheduler, "submit_question", lambda key, job: jobs.append(job) or submit(key, job)
+        service.engine, "submit_question", lambda key, job: jobs.append(job) or submit(key, job)
     )
     code, out, err = _run(
         capsys, "ask", "--server", url, "--token", TOKEN, sid, "When?", "--max-new-tokens", "16",

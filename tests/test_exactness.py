@@ -71,7 +71,7 @@ def test_streaming_equals_offline_forward(tiny_model, reference, chunk):
     assert session.kept_per_frame == ref["kept"]
     # Condition 3: the separators were tokenized exactly as in the whole prompt.
     assert session.prompt_ids == ref["input_ids"][: len(session.prompt_ids)]
-    assert session.cache.get_seq_length() == len(session.prompt_ids)
+    assert session.kv_tokens == len(session.prompt_ids)
     # fp32 on CPU: only the summation order of attention differs between the two paths.
     torch.testing.assert_close(session.question_logits(QUESTION), ref["logits"], atol=1e-4, rtol=0)
     answer = session.answer(QUESTION, SamplingParams(max_new_tokens=NEW_TOKENS))
@@ -82,9 +82,9 @@ def test_streaming_equals_offline_forward(tiny_model, reference, chunk):
 def test_questions_do_not_pollute_the_stream(tiny_model, reference):
     frames, times, _ = reference
     asked = _stream(tiny_model, frames[:4], times[:4], 2)
-    video_len = asked.cache.get_seq_length()
+    video_len = asked.kv_tokens
     first = asked.answer("what happened?", SamplingParams(max_new_tokens=5))
-    assert asked.cache.get_seq_length() == video_len
+    assert asked.kv_tokens == video_len
     assert asked.answer("what happened?", SamplingParams(max_new_tokens=5)).token_ids == (
         first.token_ids
     )
@@ -99,11 +99,14 @@ def test_questions_do_not_pollute_the_stream(tiny_model, reference):
 def test_answer_stream_closed_early_restores_cache(tiny_model, reference):
     frames, times, _ = reference
     session = _stream(tiny_model, frames, times, 7)
-    video_len = session.cache.get_seq_length()
+    video_len = session.kv_tokens
+    video_blocks = session.engine.pool_usage()[0]
     stream = session.ask(QUESTION, SamplingParams(max_new_tokens=20))
     next(stream)
+    assert session.engine.pool_usage()[0] > video_blocks  # the answer holds blocks of its own
     stream.close()
-    assert session.cache.get_seq_length() == video_len
+    assert session.kv_tokens == video_len
+    assert session.engine.pool_usage()[0] == video_blocks
 
 
 def test_streamed_pieces_join_to_the_answer_text(tiny_model, reference):

@@ -105,7 +105,7 @@ def test_questions_are_capped_per_connection_and_per_session(
     config = fast_config(redis_server.url, limits=limits, media_root=tmp_path)
     with running_app(runner, config) as (client, service):
         sid = client.post("/v1/sessions", json={"source": str(video.path)}).json()["id"]
-        wait_for(lambda: service.sessions[sid].session is not None)
+        wait_for(lambda: service.sessions[sid].model_started)
         path = f"/v1/sessions/{sid}/ws"
         with client.websocket_connect(path) as first, client.websocket_connect(path) as second:
             ask = {"type": "ask", "question": "what?", "max_new_tokens": 2}
@@ -118,7 +118,7 @@ def test_questions_are_capped_per_connection_and_per_session(
             second.send_json({**ask, "id": "b1"})
             error, _ = receive_until(second, "error", message_id="b1")
             assert error["code"] == "too_many_questions" and "session" in error["message"]
-            assert service.scheduler.questions(sid) == 3
+            assert service.engine.questions(sid) == 3
             for message_id, ws in (("a0", first), ("a1", first), ("b0", second)):
                 receive_until(ws, "answer", message_id=message_id)
             # Answered questions free their places.

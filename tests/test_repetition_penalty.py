@@ -19,10 +19,10 @@ from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import
     VideoLlama3ImageProcessorPil,
 )
 
+from livelens.model.engine import penalize
 from livelens.model.loading import LoadedModel, load_model
 from livelens.model.reference import OfflineReference, compression_mask
 from livelens.model.sampling import SamplingParams, SessionError
-from livelens.model.session import VideoSession
 
 PENALTY = 1.3
 PENALTY_TOKENS = 12
@@ -139,7 +139,7 @@ def test_penalty_is_transformers_repetition_penalty_processor() -> None:
     answer = [3, 7, 7, 5, 40, 3]  # repeats count once
     seen = torch.zeros(50, dtype=torch.bool)
     seen[answer] = True
-    ours = VideoSession._penalize(logits, seen, 1.7)
+    ours = penalize(logits, seen, 1.7)
     theirs = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([answer]), logits[None].clone())[0]
     torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
     assert ours[3] == 2.5 / 1.7 and ours[7] == -1.25 * 1.7 and ours[1] == logits[1]

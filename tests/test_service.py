@@ -313,7 +313,7 @@ def test_several_clients_one_disconnects_mid_answer(runner, clip, redis_server) 
                     leaves.send_json({"type": "ask", "id": f"gone{i}", "question": "?", **long})
                 receive_until(leaves, "token", message_id="gone0")
             # `leaves` closed mid-answer: nothing of it stays queued or running.
-            wait_for(lambda: service.scheduler.questions(sid) == 0, timeout=10)
+            wait_for(lambda: service.engine.questions(sid) == 0, timeout=10)
             answer, tokens = ask(stays, "mine", max_new_tokens=4)
             assert "".join(tokens) == answer["text"]
 
@@ -337,7 +337,7 @@ def test_slow_model_never_blocks_the_event_loop(tiny_model, tmp_path, redis_serv
     ):
         session = _pull(client, video.path, realtime=False)
         sid = session["id"]
-        wait_for(lambda: service.sessions[sid].session is not None)
+        wait_for(lambda: service.sessions[sid].model_started)
         with client.websocket_connect(f"/v1/sessions/{sid}/ws") as ws:
             ws.send_json({"type": "ask", "id": "q", "question": "what?", "max_new_tokens": 2})
             started = time.monotonic()
@@ -351,7 +351,7 @@ def test_slow_model_never_blocks_the_event_loop(tiny_model, tmp_path, redis_serv
                 statuses += message["type"] == "status"
             elapsed = time.monotonic() - started
             # Everything above happened inside the model's first step (it sleeps 3 s first).
-            assert service.scheduler.steps == 0
+            assert service.engine.steps == 0
         assert worst < 0.5, f"/healthz took {worst:.2f} s while the model worked"
         assert elapsed < 2.5, "status messages stalled behind the model"
 
@@ -436,7 +436,7 @@ def test_model_slower_than_stream_memory_flat_lag_bounded(
                 time.sleep(0.5)
         rss_end = _rss_mb()
         status = live.status()
-        bound = period + service.scheduler.max_step_seconds + 0.1
+        bound = period + service.engine.max_step_seconds + 0.1
     record_property("lag_s", lags)
     record_property("rss_mb", (round(rss_start, 1), round(rss_end, 1)))
     logging.getLogger(__name__).warning(

@@ -72,7 +72,7 @@ def test_packed_clip_is_the_live_session_token_sequence(built, threshold: float)
     # The first question block: the question as the session tokenizes it, then answer + eos.
     question = clip.questions[0]
     q_ids = tokenizer(
-        session._prompt.pending + prompt.question_text(question.question), add_special_tokens=False
+        session.pending_text + prompt.question_text(question.question), add_special_tokens=False
     )["input_ids"]
     a_ids = tokenizer(question.answer, add_special_tokens=False)["input_ids"] + [eos_id]
     block = packed.ids[len(video) : len(video) + len(q_ids) + len(a_ids)].tolist()

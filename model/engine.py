@@ -1,0 +1,806 @@
+"""The serving engine: one thread owns the model and loops schedule -> execute -> update.
+
+Every live session hands the engine its sampled frames and its questions; each step batches
+the work of all of them (model/scheduler.py decides, model/runner.py executes):
+
+    plan = scheduler.schedule()          # frames to prefill, questions to fork, answers to decode
+    result = runner.execute(plan, ...)   # one vision pass, one packed decoder forward
+    sampled = one token per question / answer, each with its own sampling options
+    scheduler.update(sampled)            # stop tokens, lengths, freed blocks
+
+Frames are DiffFP-pruned and their `Time t:` label tokenized when the engine takes them in
+(intake), in stream order per session, so the scheduler budgets exact token counts. A session's
+intake is bounded: frames wait in a small inbox (`max_pending_frames`, oldest dropped and counted
+when the model falls behind) and at most that many more wait in the scheduler. A question takes
+in every frame its session has already sampled, then forks off exactly that video.
+
+Callbacks (`FrameCallbacks`, `QuestionJob`) run on the engine thread, outside its lock; the
+service hops them onto its event loop. `step()` can also be driven synchronously (no thread):
+`VideoSession` (model/session.py) does that for offline use.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from livelens.model.grounding import Segment, parse_segments
+from livelens.model.kv import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_KV_BUDGET,
+    BlockPool,
+    KVBudget,
+    KVCacheManager,
+)
+from livelens.model.prompt import PromptFormat
+from livelens.model.pruner import DiffFramePruner
+from livelens.model.runner import FrameInput, ModelRunner
+from livelens.model.sampling import MAX_QUESTION_CHARS, SamplingParams, SessionError
+from livelens.model.scheduler import (
+    FullReason,
+    Refusal,
+    Refused,
+    RequestStatus,
+    Scheduler,
+    SchedulerConfig,
+    StepOutput,
+    StepPlan,
+)
+
+logger = logging.getLogger(__name__)
+
+ANSWER_RESERVE_TOKENS = 1024
+"""Tokens kept free after a session's video for one question and its answer."""
+
+
+# ----------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class AppendResult:
+    """A session's frames prefilled in one step."""
+
+    frames: int
+    kept_tokens: int
+    total_tokens: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    question: str
+    text: str
+    token_ids: list[int]
+    segments: list[Segment]
+    stream_position: float
+    """Media time (s) of the last frame the answer saw."""
+    prefill_seconds: float
+    """From the question's fork until its first token was chosen (time to first token)."""
+    total_seconds: float
+
+
+@dataclass(frozen=True)
+class SessionStats:
+    frames: int
+    """Frames prefilled into the session's KV cache."""
+    kept_tokens: int
+    total_tokens: int
+    kv_tokens: int
+    kv_blocks: int
+    kv_bytes: int
+    last_time: float | None
+
+    @property
+    def kept_ratio(self) -> float:
+        return self.kept_tokens / self.total_tokens if self.total_tokens else 1.0
+
+
+# --------------------------------------------------------------------- callbacks
+@dataclass
+class QuestionJob:
+    """A question for one session; the callbacks run on the engine thread."""
+
+    question: str
+    params: SamplingParams
+    on_start: Callable[[], None]
+    """Called when the question forks off its video, just before its prefill runs."""
+    on_token: Callable[[str], None]
+    on_done: Callable[[Answer], None]
+    on_error: Callable[[Exception], None]
+    on_logits: Callable[[torch.Tensor], None] | None = None
+    """Optional: the first answer token's logits, before any penalty (exactness checks)."""
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Stop the answer at the next step (or never start it); on_error gets no call."""
+        self.cancelled.set()
+
+
+@dataclass
+class FrameCallbacks:
+    """How the engine reports a session's frame work (called on the engine thread)."""
+
+    on_appended: Callable[[AppendResult], None]
+    on_error: Callable[[Exception], None]
+    """The session takes no more frames (its context or the KV pool is full)."""
+
+
+# ------------------------------------------------------------------------ config
+@dataclass(frozen=True)
+class EngineConfig:
+    kv_budget: str = DEFAULT_KV_BUDGET
+    """Bytes (`8GiB`) or a fraction of the device memory free after loading (`0.8`)."""
+    block_size: int = DEFAULT_BLOCK_SIZE
+    max_pending_frames: int = 8
+    """Per session: sampled frames waiting for intake (then the oldest is dropped)."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_pending_frames < 1:
+            raise ValueError(f"max_pending_frames must be >= 1, got {self.max_pending_frames}")
+        KVBudget.parse(self.kv_budget)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes the KV pool may come from: free accelerator memory, or available host memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+# ---------------------------------------------------------------- engine state
+class _Detokenizer:
+    """Text deltas of a growing token list, decoding only a short window per token.
+
+    Re-decoding the whole answer per token is O(n^2). Decoding from `prefix` (the last emitted
+    boundary) keeps byte-level merges and spacing right; a trailing U+FFFD means a UTF-8
+    character is still incomplete, so it waits for the next token.
+    """
+
+    def __init__(self, tokenizer: object) -> None:
+        self.tokenizer = tokenizer
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, ids: list[int]) -> str:
+        decode = self.tokenizer.decode  # type: ignore[attr-defined]
+        before = decode(ids[self.prefix : self.read], skip_special_tokens=True)
+        after = decode(ids[self.prefix :], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(ids)
+        return after[len(before) :]
+
+
+@dataclass
+class _Session:
+    session_id: str
+    inbox: deque[tuple[np.ndarray, float]]
+    pending_text: str
+    """Chat prefix and labels of fully pruned frames, not yet tokenized."""
+    callbacks: FrameCallbacks | None = None
+    pruner: DiffFramePruner | None = None
+    height: int = 0
+    width: int = 0
+    tokens_per_frame: int = 0
+    frames: dict[int, FrameInput] = field(default_factory=dict)
+    """Admitted and not yet prefilled, by frame index."""
+    times: list[float] = field(default_factory=list)
+    """Media times of the prefilled frames."""
+    kept: list[int] = field(default_factory=list)
+    prompt_ids: list[int] = field(default_factory=list)
+    """Token ids the session's video holds (labels and visual placeholders)."""
+    dropped: int = 0
+    full_reason: str | None = None
+    questions: set[str] = field(default_factory=set)
+    """Request ids waiting or running."""
+
+
+@dataclass
+class _Active:
+    """Engine-side state of one question: its job, sampling state and detokenizer."""
+
+    request_id: str
+    session_id: str
+    job: QuestionJob
+    params: SamplingParams
+    penalty: float
+    generator: torch.Generator
+    detok: _Detokenizer
+    seen: torch.Tensor | None = None
+    emitted: str = ""
+    first_token_at: float | None = None
+
+
+@dataclass
+class _Callbacks:
+    """Calls collected under the lock, made after it is released."""
+
+    calls: list[Callable[[], None]] = field(default_factory=list)
+
+    def add(self, fn: Callable[..., None], *args: object) -> None:
+        self.calls.append(lambda: fn(*args))
+
+    def run(self) -> None:
+        for call in self.calls:
+            try:
+                call()
+            except Exception:  # a failing callback must not kill the engine for everyone
+                logger.exception("an engine callback failed")
+
+
+# --------------------------------------------------------------------- the engine
+class Engine:
+    """All model work of all sessions, batched per step; thread-safe submission."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        config: EngineConfig | None = None,
+        *,
+        num_blocks: int | None = None,
+        name: str = "livelens-engine",
+    ) -> None:
+        self.runner = runner
+        self.config = config = config or EngineConfig()
+        loaded = runner.loaded
+        self.tokenizer = loaded.tokenizer
+        self.prompt = PromptFormat.from_tokenizer(self.tokenizer, loaded.video_token_id)
+        self.video_token_id = loaded.video_token_id
+        text_config = runner.text_config
+        self.max_model_len = int(text_config.max_position_embeddings)
+        scheduler_config = replace(
+            config.scheduler,
+            max_model_len=self.max_model_len,
+            answer_reserve_tokens=min(
+                config.scheduler.answer_reserve_tokens, self.max_model_len - 1
+            ),
+        )
+        layout = runner.kv_layout(config.block_size)
+        if num_blocks is None:
+            budget = KVBudget.parse(config.kv_budget).resolve(free_memory(runner.device))
+            num_blocks = layout.blocks_in(budget)
+        self.layout = layout
+        runner.allocate_kv(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            KVCacheManager(BlockPool(num_blocks, config.block_size)), scheduler_config
+        )
+        self.stop_ids = _stop_ids(self.tokenizer, runner.model.generation_config)
+        penalty = runner.model.generation_config.repetition_penalty
+        self.default_repetition_penalty = float(penalty) if penalty is not None else 1.0
+
+        self._cond = threading.Condition()
+        self._sessions: dict[str, _Session] = {}
+        self._inbox: deque[tuple[str, QuestionJob]] = deque()
+        self._active: dict[str, _Active] = {}
+        self._ids = itertools.count()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._name = name
+        self.steps = 0
+        self.busy_seconds = 0.0
+        self.max_step_seconds = 0.0
+        self.refused_sessions = 0
+
+    # ------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the current step, abandon queued work, and join the engine thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -------------------------------------------------------------- sessions
+    def open_session(self, key: str) -> None:
+        """Admit a session (its minimum of KV blocks is promised now); `Refused` if the pool
+        cannot hold it. Frames come after `configure`."""
+        with self._cond:
+            try:
+                self.scheduler.add_session(key)
+            except Refused as exc:
+                if exc.reason is Refusal.KV_POOL_EXHAUSTED:
+                    self.refused_sessions += 1
+                raise
+            self._sessions[key] = _Session(
+                key, deque(maxlen=self.config.max_pending_frames), self.prompt.prefix
+            )
+
+    def configure(
+        self,
+        key: str,
+        *,
+        height: int,
+        width: int,
+        threshold: float,
+        min_tokens: int,
+        callbacks: FrameCallbacks,
+    ) -> None:
+        """Set the session's frame grid and DiffFP settings (once, at its first frame)."""
+        unit = self.runner.patch_size * self.runner.merge_size
+        if height <= 0 or width <= 0 or height % unit or width % unit:
+            raise SessionError(f"frame grid {height}x{width} must be positive multiples of {unit}")
+        pruner = DiffFramePruner(
+            threshold=threshold, min_tokens=min_tokens, device=self.runner.device
+        )
+        with self._cond:
+            session = self._session(key)
+            if session.pruner is not None:
+                raise ValueError(f"session {key} is already configured")
+            session.pruner, session.callbacks = pruner, callbacks
+            session.height, session.width = height, width
+            merged = self.runner.patch_size * self.runner.merge_size
+            session.tokens_per_frame = (height // merged) * (width // merged)
+
+    def close_session(self, key: str) -> None:
+        """Forget a session: its frames are dropped, its questions cancelled (no callbacks),
+        its KV blocks freed (a running step finishes writing into them first)."""
+        with self._cond:
+            session = self._sessions.pop(key, None)
+            if session is None:
+                return
+            for request_id in session.questions:
+                active = self._active.pop(request_id, None)
+                if active is not None:
+                    active.job.cancel()
+            for _, job in [item for item in self._inbox if item[0] == key]:
+                job.cancel()
+            self._inbox = deque(item for item in self._inbox if item[0] != key)
+            self.scheduler.close_session(key)
+            self._cond.notify_all()
+
+    def submit_frame(self, key: str, image: np.ndarray, t: float) -> bool:
+        """Queue a sampled frame (uint8 (H, W, 3) at the session grid); False if the session
+        takes no more. When the inbox is full the oldest frame is dropped (and counted)."""
+        with self._cond:
+            session = self._sessions.get(key)
+            if session is None or session.pruner is None or session.full_reason is not None:
+                return False
+            if len(session.inbox) == session.inbox.maxlen:
+                session.dropped += 1
+            session.inbox.append((image, t))
+            self._cond.notify()
+            return True
+
+    def submit_question(self, key: str, job: QuestionJob) -> int:
+        """Queue a question; returns how many questions of the session are ahead of it."""
+        with self._cond:
+            session = self._sessions.get(key)
+            if session is None:
+                raise KeyError(f"session {key} is not open")
+            ahead = self._questions(key)
+            self._inbox.append((key, job))
+            self._cond.notify()
+            return ahead
+
+    # ----------------------------------------------------------------- views
+    def questions(self, key: str) -> int:
+        """Questions of the session waiting or being answered (cancelled ones excluded)."""
+        with self._cond:
+            return self._questions(key)
+
+    def dropped(self, key: str) -> int:
+        with self._cond:
+            session = self._sessions.get(key)
+            if session is None:
+                return 0
+            return session.dropped + self.scheduler.session(key).frames_dropped
+
+    def pending(self, key: str) -> int:
+        """Frames sampled and not yet prefilled."""
+        with self._cond:
+            session = self._sessions.get(key)
+            return len(session.inbox) + len(session.frames) if session else 0
+
+    def stats(self, key: str) -> SessionStats | None:
+        with self._cond:
+            session = self._sessions.get(key)
+            if session is None:
+                return None
+            view = self.scheduler.session(key)
+            return SessionStats(
+                frames=len(session.times),
+                kept_tokens=sum(session.kept),
+                total_tokens=len(session.times) * session.tokens_per_frame,
+                kv_tokens=view.tokens,
+                kv_blocks=view.blocks,
+                kv_bytes=view.blocks * self.layout.bytes_per_block,
+                last_time=session.times[-1] if session.times else None,
+            )
+
+    def full_reason(self, key: str) -> str | None:
+        with self._cond:
+            session = self._sessions.get(key)
+            return session.full_reason if session else None
+
+    def session_record(self, key: str) -> _Session:
+        """The session's engine record (read it only while the engine is not stepping)."""
+        return self._session(key)
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.scheduler.kv.pool.num_blocks * self.layout.bytes_per_block
+
+    def pool_usage(self) -> tuple[int, int]:
+        """(blocks used, blocks total)."""
+        with self._cond:
+            pool = self.scheduler.pool()
+            return pool.blocks_used, pool.blocks_total
+
+    # ------------------------------------------------------------------ steps
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._has_work():
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            try:
+                ran = self.step()
+            except Exception:  # a bug in a step must not kill the engine for every session
+                logger.exception("engine step failed")
+                ran = False
+            if not ran:  # work that cannot run yet: do not spin
+                with self._cond:
+                    self._cond.wait(0.05)
+
+    def _has_work(self) -> bool:
+        if self._inbox or self.scheduler.num_waiting or self.scheduler.num_running:
+            return True
+        return any(s.frames or s.inbox for s in self._sessions.values())
+
+    def step(self) -> bool:
+        """One step: intake, schedule, execute, sample, update. False if nothing ran."""
+        callbacks = _Callbacks()
+        with self._cond:
+            self._intake(callbacks)
+            plan = self.scheduler.schedule()
+            self._report_plan_events(plan, callbacks)
+            inputs = {
+                (prefill.session_id, frame.index): self._sessions[prefill.session_id].frames.pop(
+                    frame.index
+                )
+                for prefill in plan.frames
+                for frame in prefill.frames
+            }
+            forks = [self._active[q.request_id] for q in plan.questions]
+            if plan.empty:
+                self.scheduler.update(StepOutput(plan.step))
+        if plan.empty:
+            callbacks.run()
+            return bool(callbacks.calls)
+        started = time.perf_counter()
+        for active in forks:
+            active.job.started = started
+            callbacks.add(active.job.on_start)
+        callbacks.run()
+        callbacks = _Callbacks()
+
+        sampled: dict[str, int] = {}
+        failed: dict[str, str] = {}
+        try:
+            result = self.runner.execute(plan, inputs)
+        except Exception as exc:
+            logger.exception("executing step %d failed", plan.step)
+            result = None
+            failed = {
+                item.request_id: f"the model failed: {exc}"
+                for item in (*plan.decodes, *plan.questions)
+            }
+        if result is not None:
+            now = time.perf_counter()
+            for request_id, logits in result.logits.items():
+                active = self._active.get(request_id)
+                if active is None:
+                    sampled[request_id] = 0  # cancelled while the step ran; update skips it
+                    continue
+                if active.first_token_at is None:
+                    active.first_token_at = now
+                    if active.job.on_logits is not None:
+                        callbacks.add(active.job.on_logits, logits)
+                sampled[request_id] = self._sample(active, logits)
+        took = time.perf_counter() - started
+
+        with self._cond:
+            self.steps += 1
+            self.busy_seconds += took
+            self.max_step_seconds = max(self.max_step_seconds, took)
+            self._record_frames(plan, inputs, result is None, took, callbacks)
+            for request in self.scheduler.update(StepOutput(plan.step, sampled, failed)):
+                self._advance(request, callbacks)
+        callbacks.run()
+        return True
+
+    def _questions(self, key: str) -> int:
+        session = self._sessions.get(key)
+        if session is None:
+            return 0
+        waiting = sum(1 for k, job in self._inbox if k == key and not job.cancelled.is_set())
+        running = sum(
+            1
+            for rid in session.questions
+            if rid in self._active and not self._active[rid].job.cancelled.is_set()
+        )
+        return waiting + running
+
+    def _session(self, key: str) -> _Session:
+        session = self._sessions.get(key)
+        if session is None:
+            raise KeyError(f"session {key} is not open")
+        return session
+
+    # ----------------------------------------------------------------- intake
+    def _intake(self, callbacks: _Callbacks) -> None:
+        """Under the lock: cancels, frames (bounded per session), then new questions."""
+        for request_id, active in list(self._active.items()):
+            if active.job.cancelled.is_set():
+                self._drop_active(request_id)
+                self.scheduler.cancel(request_id)
+        while self._inbox:
+            key, job = self._inbox.popleft()
+            if job.cancelled.is_set() or key not in self._sessions:
+                continue
+            self._take_frames(self._sessions[key], everything=True, callbacks=callbacks)
+            self._add_question(key, job, callbacks)
+        for session in self._sessions.values():
+            self._take_frames(session, everything=False, callbacks=callbacks)
+
+    def _take_frames(self, session: _Session, *, everything: bool, callbacks: _Callbacks) -> None:
+        if not session.inbox or session.pruner is None or session.full_reason is not None:
+            return
+        room = (
+            len(session.inbox)
+            if everything
+            else self.config.max_pending_frames - len(session.frames)
+        )
+        if room <= 0:
+            return
+        taken = [session.inbox.popleft() for _ in range(min(room, len(session.inbox)))]
+        images = torch.from_numpy(np.stack([image for image, _ in taken]))
+        pruned = session.pruner(images)
+        per_frame = session.height * session.width // self.runner.patch_size**2
+        for i, (_, t) in enumerate(taken):
+            keep = pruned.keep[i]
+            index = self.scheduler.session(session.session_id).frames_admitted
+            session.pending_text += self.prompt.frame_label(index, t)
+            kept = int(keep.sum())
+            label_ids: tuple[int, ...] = ()
+            if kept:
+                label_ids = tuple(self._tokenize(session.pending_text))
+                session.pending_text = ""
+            try:
+                frame = self.scheduler.add_frame(
+                    session.session_id, t, len(label_ids) + kept if kept else 0
+                )
+            except Refused as exc:
+                self._close_frames(session, str(exc), callbacks)
+                return
+            session.frames[frame.index] = FrameInput(
+                patches=pruned.patches[i * per_frame : (i + 1) * per_frame],
+                gh=session.height // self.runner.patch_size,
+                gw=session.width // self.runner.patch_size,
+                keep=keep,
+                label_ids=label_ids,
+            )
+
+    def _add_question(self, key: str, job: QuestionJob, callbacks: _Callbacks) -> None:
+        session = self._sessions[key]
+        try:
+            question = validate_question(job.question)
+            ids = self._tokenize(session.pending_text + self.prompt.question_text(question))
+            room = self.scheduler.config.answer_reserve_tokens - len(ids) + 1
+            params = job.params
+            if room >= 1 and params.max_new_tokens > room:
+                params = replace(params, max_new_tokens=room)  # the answer reserve is the limit
+            request_id = f"q{next(self._ids)}"
+            self.scheduler.add_request(request_id, key, ids, params, self.stop_ids)
+        except (SessionError, Refused) as exc:
+            callbacks.add(job.on_error, SessionError(str(exc)))
+            return
+        penalty = params.repetition_penalty
+        generator = torch.Generator(device=self.runner.device)
+        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        self._active[request_id] = _Active(
+            request_id=request_id,
+            session_id=key,
+            job=job,
+            params=params,
+            penalty=self.default_repetition_penalty if penalty is None else penalty,
+            generator=generator,
+            detok=_Detokenizer(self.tokenizer),
+        )
+        session.questions.add(request_id)
+
+    # ---------------------------------------------------------------- results
+    def _report_plan_events(self, plan: StepPlan, callbacks: _Callbacks) -> None:
+        for full in plan.full:
+            session = self._sessions.get(full.session_id)
+            if session is None:
+                continue
+            session.frames.clear()
+            session.inbox.clear()
+            if full.reason is FullReason.CONTEXT:
+                message = (
+                    f"session context is full ({self.scheduler.session(full.session_id).tokens} "
+                    f"of {self.max_model_len} tokens); lower --fps or raise --prune-threshold"
+                )
+            else:
+                message = "the KV cache pool has no room for more of this session's frames"
+            self._close_frames(session, message, callbacks)
+        for request_id in plan.failed:
+            active = self._drop_active(request_id)
+            if active is not None:
+                callbacks.add(active.job.on_error, SessionError("the session has no frames"))
+
+    def _close_frames(self, session: _Session, message: str, callbacks: _Callbacks) -> None:
+        if session.full_reason is not None:
+            return
+        session.full_reason = message
+        session.inbox.clear()
+        if session.callbacks is not None:
+            callbacks.add(session.callbacks.on_error, SessionError(message))
+
+    def _record_frames(
+        self,
+        plan: StepPlan,
+        inputs: dict[tuple[str, int], FrameInput],
+        broken: bool,
+        took: float,
+        callbacks: _Callbacks,
+    ) -> None:
+        for prefill in plan.frames:
+            session = self._sessions.get(prefill.session_id)
+            if session is None:
+                continue
+            if broken:
+                self._close_frames(session, "the model failed on this session's frames", callbacks)
+                continue
+            kept = 0
+            for frame in prefill.frames:
+                item = inputs[(prefill.session_id, frame.index)]
+                n = item.kept if frame.tokens else 0
+                session.times.append(frame.time)
+                session.kept.append(n)
+                if n:
+                    session.prompt_ids += [*item.label_ids, *[self.video_token_id] * n]
+                kept += n
+            if session.callbacks is not None:
+                result = AppendResult(
+                    frames=len(prefill.frames),
+                    kept_tokens=kept,
+                    total_tokens=len(prefill.frames) * session.tokens_per_frame,
+                    seconds=took,
+                )
+                callbacks.add(session.callbacks.on_appended, result)
+
+    def _advance(self, request, callbacks: _Callbacks) -> None:
+        active = self._active.get(request.request_id)
+        if active is None:
+            return
+        job = active.job
+        if request.status is RequestStatus.FINISHED_ERROR:
+            self._drop_active(request.request_id)
+            callbacks.add(job.on_error, SessionError(request.error or "the answer failed"))
+            return
+        if request.status is RequestStatus.FINISHED_CANCELLED:
+            self._drop_active(request.request_id)
+            return
+        ids = list(request.output_ids)
+        delta = active.detok.push(ids)
+        if delta:
+            active.emitted += delta
+            callbacks.add(job.on_token, delta)
+        if not request.status.finished:
+            return
+        self._drop_active(request.request_id)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if text.startswith(active.emitted) and len(text) > len(active.emitted):
+            callbacks.add(job.on_token, text[len(active.emitted) :])  # held-back characters
+        end = request.stream_position or 0.0
+        now = time.perf_counter()
+        started = job.started or now
+        answer = Answer(
+            question=job.question,
+            text=text,
+            token_ids=ids,
+            segments=parse_segments(text, stream_start=0.0, stream_end=end),
+            stream_position=end,
+            prefill_seconds=(active.first_token_at or now) - started,
+            total_seconds=now - started,
+        )
+        callbacks.add(job.on_done, answer)
+
+    def _drop_active(self, request_id: str) -> _Active | None:
+        active = self._active.pop(request_id, None)
+        if active is not None:
+            session = self._sessions.get(active.session_id)
+            if session is not None:
+                session.questions.discard(request_id)
+        return active
+
+    # --------------------------------------------------------------- sampling
+    def _sample(self, active: _Active, logits: torch.Tensor) -> int:
+        if active.seen is not None:
+            logits = penalize(logits, active.seen, active.penalty)
+        token = choose(logits, active.params, active.generator)
+        if active.penalty != 1.0:
+            if active.seen is None:
+                active.seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+            active.seen[token] = True
+        return token
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+
+
+# ----------------------------------------------------------------------- helpers
+def validate_question(question: str) -> str:
+    if not isinstance(question, str) or not question.strip():
+        raise SessionError("the question is empty")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise SessionError(
+            f"the question has {len(question)} characters; the limit is {MAX_QUESTION_CHARS}"
+        )
+    return question
+
+
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor: the logits of tokens already in the
+    answer are divided by `penalty` when positive, multiplied when negative.
+
+    Only the answer's tokens count, not the prompt's: the original VideoLLaMA3 `generate` hands
+    transformers `inputs_embeds` without `input_ids`, so the processor sees only the generated
+    ids. Video placeholders, frame labels and the question are never penalized.
+    """
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def choose(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
+    """Greedy at temperature 0; else temperature, top-k, top-p, then a draw from `gen`."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    scores = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if params.top_p < 1:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        # Drop tokens once the mass before them already exceeds top_p (keeps at least one).
+        drop = probs.cumsum(-1) - probs > params.top_p
+        scores = scores.scatter(0, order[drop], -math.inf)
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _stop_ids(tokenizer, generation_config) -> frozenset[int]:
+    ids = {tokenizer.eos_token_id}
+    eos = generation_config.eos_token_id
+    ids.update(eos if isinstance(eos, list) else [eos])
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return frozenset(i for i in ids if i is not None)
