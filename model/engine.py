@@ -476,7 +476,6 @@ class Engine:
         with self._cond:
             self._intake(callbacks)
             plan = self.scheduler.schedule()
-            self._report_plan_events(plan, callbacks)
             inputs = {
                 (prefill.session_id, frame.index): self._sessions[prefill.session_id].frames.pop(
                     frame.index
@@ -484,6 +483,7 @@ class Engine:
                 for prefill in plan.frames
                 for frame in prefill.frames
             }
+            self._report_plan_events(plan, callbacks)  # after: a full session drops the rest
             forks = [self._active[q.request_id] for q in plan.questions]
             if plan.empty:
                 self.scheduler.update(StepOutput(plan.step))
