@@ -208,7 +208,8 @@ class Status:
 
     session_id: str
     state: str
-    """starting, live, stalled (live, but no frames lately), ended or failed."""
+    """starting, live, stalled (live, but no frames lately), full (live, but the model takes no
+    more frames: its context or the KV pool is full), ended or failed."""
     reason: str | None
     frames_received: int
     frames_sampled: int

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
 
 from livelens.model.kv import BlockCopy, KVLayout
 from livelens.model.loading import LoadedModel
@@ -147,6 +148,67 @@ class _Sequence:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """One sequence in a packed step: its query rows and the key rows gathered for it."""
+
+    query_start: int
+    queries: int
+    key_start: int
+    keys: int
+    """All of the sequence's positions up to its last new token: query i (of `queries`, the
+    last ones) sees keys [0, keys - queries + i]."""
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """How the packed step's queries and gathered keys split into sequences."""
+
+    segments: tuple[Segment, ...]
+
+
+PACKED_ATTENTION = "livelens_packed"
+
+
+def packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: PackedLayout,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """Attention of a packed step, sequence by sequence, through torch's sdpa.
+
+    query (1, heads, queries, dim); key/value (1, kv_heads, keys, dim) as `PagedKVCache.update`
+    gathered them, sequence after sequence. Each sequence attends only to its own keys, causally
+    from its first new position, so the work is the sum over sequences of queries x keys, not
+    all queries x all keys as one dense mask would be.
+    """
+    outputs = []
+    for seg in attention_mask.segments:
+        q = query[:, :, seg.query_start : seg.query_start + seg.queries]
+        k = key[:, :, seg.key_start : seg.key_start + seg.keys]
+        v = value[:, :, seg.key_start : seg.key_start + seg.keys]
+        mask = None
+        if seg.queries > 1:
+            first = seg.keys - seg.queries
+            rows = torch.arange(seg.queries, device=query.device)[:, None]
+            mask = torch.arange(seg.keys, device=query.device)[None] <= first + rows
+        outputs.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True
+            )
+        )
+    out = torch.cat(outputs, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+
+
+@dataclass(frozen=True)
 class StepResult:
     logits: dict[str, torch.Tensor]
     """Request id -> float32 logits of its next token (vocabulary,)."""
@@ -265,30 +327,25 @@ class ModelRunner:
         kv = self.kv
         assert kv is not None
         size = kv.block_size
-        write, read, q_seq, q_pos, k_seq, k_pos, last = [], [], [], [], [], [], {}
-        offset = 0
-        for i, seq in enumerate(sequences):
+        write, read, positions, segments, last = [], [], [], [], {}
+        queries = keys = 0
+        for seq in sequences:
             end = seq.start + seq.tokens
             table = torch.tensor(seq.table, dtype=torch.long)
-            positions = torch.arange(end)
-            slots = table[positions // size] * size + positions % size
+            span = torch.arange(end)
+            slots = table[span // size] * size + span % size
             write.append(slots[seq.start :])
             read.append(slots)
-            q_seq.append(torch.full((seq.tokens,), i))
-            q_pos.append(positions[seq.start :])
-            k_seq.append(torch.full((end,), i))
-            k_pos.append(positions)
-            offset += seq.tokens
+            positions.append(span[seq.start :])
+            segments.append(Segment(queries, seq.tokens, keys, end))
+            queries += seq.tokens
+            keys += end
             if seq.request_id is not None:
-                last[seq.request_id] = offset - 1
-        q_seq_t, q_pos_t, k_seq_t, k_pos_t = map(torch.cat, (q_seq, q_pos, k_seq, k_pos))
-        allowed = (q_seq_t[:, None] == k_seq_t[None]) & (k_pos_t[None] <= q_pos_t[:, None])
-        mask = torch.zeros(allowed.shape, dtype=self.dtype)
-        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+                last[seq.request_id] = queries - 1
         kv.bind(torch.cat(write).to(self.device), torch.cat(read).to(self.device))
         embeds = torch.cat([e for seq in sequences for e in seq.embeds]).to(self.dtype)
         hidden = self.prefill_packed(
-            embeds, q_pos_t.to(self.device), mask[None, None].to(self.device), kv
+            embeds, torch.cat(positions).to(self.device), PackedLayout(tuple(segments)), kv
         )
         if not last:
             return {}
@@ -301,17 +358,29 @@ class ModelRunner:
         self,
         embeds: torch.Tensor,
         positions: torch.Tensor,
-        mask: torch.Tensor,
+        layout: PackedLayout,
         kv: PagedKVCache,
     ) -> torch.Tensor:
-        """The decoder over packed (L, D) embeddings -> (L, D) last hidden states."""
-        out = self.model.model.language_model(
-            inputs_embeds=embeds.unsqueeze(0),
-            position_ids=positions.unsqueeze(0),
-            attention_mask={"full_attention": mask},
-            cache=kv,
-            use_cache=True,
-        )
+        """The decoder over packed (L, D) embeddings -> (L, D) last hidden states.
+
+        The layout rides in transformers' `attention_mask` slot (a prebuilt mask mapping skips
+        its mask builder) and reaches the `livelens_packed` attention interface, which the
+        decoder's layers use for this call only.
+        """
+        language_model = self.model.model.language_model
+        config = language_model.config
+        previous = config._attn_implementation
+        config._attn_implementation = PACKED_ATTENTION
+        try:
+            out = language_model(
+                inputs_embeds=embeds.unsqueeze(0),
+                position_ids=positions.unsqueeze(0),
+                attention_mask={"full_attention": layout},
+                cache=kv,
+                use_cache=True,
+            )
+        finally:
+            config._attn_implementation = previous
         return out.last_hidden_state[0]
 
     @torch.inference_mode()

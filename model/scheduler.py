@@ -54,6 +54,10 @@ class SchedulerConfig:
     session_min_tokens: int = 2048
     """Blocks promised to a session at admission (its first frames); a session the pool cannot
     promise this much is refused."""
+    max_sessions_per_step: int = 0
+    """Sessions whose work (decodes, questions, frames) one step may hold; 0: no limit. One
+    session per step is the engine run the way the service ran before batching (benchmarks
+    compare the two)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -66,6 +70,10 @@ class SchedulerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_sessions_per_step < 0:
+            raise ValueError(
+                f"max_sessions_per_step must be >= 0, got {self.max_sessions_per_step}"
+            )
         if self.max_concurrent_decodes > self.max_tokens_per_step:
             raise ValueError("max_concurrent_decodes must not exceed max_tokens_per_step")
         if self.answer_reserve_tokens >= self.max_model_len:
@@ -495,7 +503,11 @@ class Scheduler:
         """Plan the next step; the previous plan must have been passed to `update` first."""
         if self._in_flight is not None:
             raise RuntimeError(f"step {self._in_flight.step} has not been updated yet")
-        budget = _Budget(self.config.max_tokens_per_step, self.config.max_frames_per_step)
+        budget = _Budget(
+            self.config.max_tokens_per_step,
+            self.config.max_frames_per_step,
+            self._sessions_for_step(),
+        )
         decodes = self._schedule_decodes(budget)
         questions = self._schedule_questions(budget)
         frames, full = self._schedule_frames(budget)
@@ -569,12 +581,24 @@ class Scheduler:
         request.status = status
         del self._requests[request.request_id]
 
+    def _sessions_for_step(self) -> frozenset[str] | None:
+        """With `max_sessions_per_step`, the first sessions in round-robin order that have
+        work; None when every session may go."""
+        limit = self.config.max_sessions_per_step
+        if not limit:
+            return None
+        busy = {self._requests[r].session_id for r in (*self._running, *self._waiting)}
+        chosen = [sid for sid in self._order if sid in busy or self._sessions[sid].waiting][:limit]
+        return frozenset(chosen)
+
     def _schedule_decodes(self, budget: _Budget) -> tuple[DecodeStep, ...]:
         # Every running answer fits: max_concurrent_decodes <= max_tokens_per_step, and each
         # answer's blocks were reserved when it forked.
         steps = []
         for request_id in self._running:
             request = self._requests[request_id]
+            if not budget.allows(request.session_id):
+                continue
             key = _request_key(request_id)
             placement = self.kv.append(key, 1)
             budget.tokens -= 1
@@ -588,8 +612,8 @@ class Scheduler:
         for request_id in list(self._waiting):
             request = self._requests[request_id]
             session = self._sessions[request.session_id]
-            if session.scheduled < request.frame_mark:
-                continue  # its video is not prefilled yet; not a resource wait
+            if session.scheduled < request.frame_mark or not budget.allows(request.session_id):
+                continue  # its video is not prefilled yet, or its session waits for its turn
             if len(self._running) >= self.config.max_concurrent_decodes:
                 break
             if len(request.prompt_ids) > budget.tokens:
@@ -637,6 +661,8 @@ class Scheduler:
                 if budget.frames == 0:
                     break
                 session = self._sessions[session_id]
+                if not budget.allows(session_id):
+                    continue
                 frame = self._next_frame(session, budget, marks.get(session_id))
                 if frame is None:
                     continue
@@ -707,6 +733,11 @@ class Scheduler:
 class _Budget:
     tokens: int
     frames: int
+    sessions: frozenset[str] | None = None
+    """Sessions that may have work in this step (None: all)."""
+
+    def allows(self, session_id: str) -> bool:
+        return self.sessions is None or session_id in self.sessions
 
 
 def _merge(end: int, placements: list[Placement | None]) -> Placement:

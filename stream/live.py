@@ -49,14 +49,17 @@ class State(IntEnum):
 
     STALLED is LIVE without frames: the source sent none for `ServiceConfig.stall_after_s`
     (a frozen feed, a reconnecting camera, a publisher gone silent) and the session goes back to
-    LIVE with its next frame. Every other move is forward only.
+    LIVE with its next frame. FULL: the source still sends, but the model takes no more of its
+    frames (the context or the KV pool is full; `reason` says which); questions are answered over
+    the video held. Every other move is forward only.
     """
 
     STARTING = 0
     LIVE = 1
     STALLED = 2
-    ENDED = 3
-    FAILED = 4
+    FULL = 3
+    ENDED = 4
+    FAILED = 5
 
     @property
     def label(self) -> str:
@@ -234,6 +237,7 @@ class LiveSession:
         # The session keeps answering over what it holds; it only stops taking frames.
         self.model_closed_reason = str(exc)
         logger.warning("session %s takes no more frames: %s", self.id, exc)
+        self.loop.call_soon_threadsafe(self._set_state, State.FULL, str(exc))
 
     def finish(self, reason: str, failed: bool = False) -> None:
         """The source ended (or failed). Idempotent; callable from any thread."""

@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "livelens"
 INDEX_KEY = f"{KEY_PREFIX}:sessions"
-LIVE_STATES = frozenset({"starting", "live", "stalled"})
+LIVE_STATES = frozenset({"starting", "live", "stalled", "full"})
 """States a node heartbeats; the hash expires ttl_s after the node stops."""
 FINAL_STATES = frozenset({"ended", "failed"})
 """Terminal states: kept for retention_s, never left again."""
@@ -124,7 +124,7 @@ class SessionRecord:
     """How media arrives: "whip" (pushed over WebRTC) or "pull" (read from a URL)."""
     source: str
     state: str
-    """"starting" | "live" | "stalled" | "ended" | "failed"."""
+    """"starting" | "live" | "stalled" | "full" | "ended" | "failed"."""
     created: str
     """ISO-8601 UTC."""
     reason: str | None = None

@@ -124,12 +124,8 @@ class LiveService:
     def __init__(self, runner: ModelRunner, config: ServiceConfig | None = None) -> None:
         self.runner = runner
         self.config = config or ServiceConfig()
-        self.engine = Engine(
-            runner,
-            EngineConfig(
-                kv_budget=self.config.kv_budget, max_pending_frames=self.config.max_pending_frames
-            ),
-        )
+        self._engine: Engine | None = None
+        """Made by start(): its KV pool is sized from the memory free once the model is loaded."""
         self.metrics = Metrics()
         self.sessions: dict[str, LiveSession] = {}
         self.pulls: dict[str, PullSource] = {}
@@ -143,6 +139,12 @@ class LiveService:
         self.draining = False
         """Set by drain(): no new sessions or questions are admitted."""
 
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("the service has not started")
+        return self._engine
+
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -153,7 +155,13 @@ class LiveService:
             ttl_s=max(15.0, 5 * self.config.status_interval_s),
             retry_s=self.config.redis_retry_s,
         )
-        self.engine.start()
+        self._engine = Engine(
+            self.runner,
+            EngineConfig(
+                kv_budget=self.config.kv_budget, max_pending_frames=self.config.max_pending_frames
+            ),
+        )
+        self._engine.start()
         self._status_task = asyncio.create_task(self._status_loop(), name="livelens-status")
 
     async def drain(self, timeout_s: float) -> None:
@@ -197,7 +205,8 @@ class LiveService:
         await asyncio.sleep(0)  # let the state announcements run
         for session in ending:
             await self._sync_record(session)
-        await asyncio.to_thread(self.engine.stop)
+        if self._engine is not None:
+            await asyncio.to_thread(self._engine.stop)
         if self.registry is not None:
             await self.registry.close()
 

@@ -544,3 +544,26 @@ def test_random_traffic_every_sequence_reads_exactly_its_own_tokens() -> None:
     assert s.kv.pool.num_free == s.kv.pool.num_blocks  # every block came back
     # The traffic did exercise forks, answers, backlogs behind questions and full sessions.
     assert forks > 20 and finished > 10 and full_sessions > 0
+
+
+def test_one_session_per_step_takes_turns_with_all_of_its_work() -> None:
+    """The sequential baseline: a step holds one session's decodes, question and frames."""
+    s = _scheduler(max_sessions_per_step=1)
+    for sid in "ab":
+        s.add_session(sid)
+        s.add_frame(sid, 0.0, tokens=2)
+        s.add_frame(sid, 1.0, tokens=2)
+    assert _frames(_step(s)) == {"a": [0, 1]}
+    assert _frames(_step(s)) == {"b": [0, 1]}
+    _ask(s, "qa", "a", prompt=2, new=3)
+    _ask(s, "qb", "b", prompt=2, new=3)
+    plans = [_step(s, qa=5, qb=6) for _ in range(4)]
+    owners = [
+        {item.request_id for item in (*p.questions, *p.decodes)} | set(_frames(p)) for p in plans
+    ]
+    assert owners == [{"qa"}, {"qb"}, {"qa"}, {"qb"}]
+    unlimited = _scheduler()
+    for sid in "ab":
+        unlimited.add_session(sid)
+        unlimited.add_frame(sid, 0.0, tokens=2)
+    assert _frames(_step(unlimited)) == {"a": [0], "b": [0]}

@@ -1,0 +1,109 @@
+"""Sessions under a KV budget (`--kv-budget`): admission, refusal with a reason, and `full`.
+
+The real tiny model, a real redis-server, pull sessions from real H.264 files and a real aiortc
+WHIP offer. With a pool that holds two sessions' minimum, the third session (pull or WHIP) is
+refused with 503 and the machine-readable reason `kv_pool_exhausted`; running sessions are never
+evicted to make room; a session whose next frame the pool cannot hold says `full` everywhere (the
+REST record, the Redis hash, the websocket status) and still answers questions.
+"""
+
+from __future__ import annotations
+
+import pytest
+from service_harness import ask, fast_config, running_app, wait_for
+from test_whip import aiortc_offer
+from videos import make_video
+
+from livelens.model.engine import Engine, EngineConfig
+from livelens.model.runner import ModelRunner
+from livelens.model.scheduler import SchedulerConfig
+
+SDP = {"Content-Type": "application/sdp"}
+
+
+def _budget(runner: ModelRunner, spare_blocks: int) -> str:
+    """Bytes for two sessions' minimum, the blocks kept for answers, and `spare_blocks`."""
+    config = SchedulerConfig()
+    layout = runner.kv_layout(16)
+    minimum = -(-config.session_min_tokens // 16)
+    headroom = -(-config.answer_reserve_tokens // 16) + 1
+    return str((2 * minimum + headroom + spare_blocks) * layout.bytes_per_block)
+
+
+@pytest.fixture
+def runner(tiny_model) -> ModelRunner:
+    return ModelRunner(tiny_model)
+
+
+def test_third_session_is_refused_and_a_full_session_says_so(runner, tmp_path, redis_server):
+    clip = make_video(tmp_path / "long.mp4", frames=400, fps=4, pattern="moving_square")
+    config = fast_config(
+        redis_server.url,
+        media_root=tmp_path,
+        kv_budget=_budget(runner, spare_blocks=4),
+        max_pending_frames=256,  # a file read fast is delayed, not thinned
+    )
+    with running_app(runner, config) as (client, service):
+        pool_blocks = service.engine.pool_usage()[1]
+        assert pool_blocks == 2 * 128 + 65 + 4
+        # Every visual token kept: ~22 tokens per frame, the share of the pool lasts ~100 frames.
+        first = client.post(
+            "/v1/sessions",
+            json={"source": str(clip.path), "realtime": False, "prune_threshold": 0},
+        )
+        second = client.post("/v1/sessions", json={"source": str(clip.path), "realtime": True})
+        assert first.status_code == second.status_code == 201
+
+        third = client.post("/v1/sessions", json={"source": str(clip.path)})
+        assert third.status_code == 503
+        assert third.json()["error"]["code"] == "kv_pool_exhausted"
+        whip = client.post("/whip", content=aiortc_offer(), headers=SDP)
+        assert whip.status_code == 503
+        assert whip.json()["error"]["code"] == "kv_pool_exhausted"
+
+        # The first session (read faster than real time) outgrows its share: `full`.
+        sid = first.json()["id"]
+        record = wait_for(
+            lambda: (r := client.get(f"/v1/sessions/{sid}").json())["state"] == "full" and r,
+            timeout=60,
+        )
+        assert "KV cache pool" in record["reason"]
+        assert client.get(f"/v1/sessions/{second.json()['id']}").json()["state"] == "live"
+        with client.websocket_connect(f"/v1/sessions/{sid}/ws") as ws:
+            status = ws.receive_json()
+            assert status["type"] == "status" and status["state"] == "full"
+            assert status["kv_bytes"] > 0
+            answer, _ = ask(ws, "q", max_new_tokens=3)
+            assert answer["type"] == "answer"
+            # Over the whole video held (frames already planned when the pool ran out included).
+            assert answer["stream_position"] == service.engine.stats(sid).last_time
+            assert answer["stream_position"] >= status["stream_position"]
+
+        metrics = client.get("/metrics").text
+        assert 'livelens_sessions_refused_total{reason="kv_pool_exhausted"} 2.0' in metrics
+        assert f'livelens_kv_pool_blocks{{state="total"}} {float(pool_blocks)}' in metrics
+        assert 'livelens_sessions{state="full"} 1.0' in metrics
+
+
+def test_an_ended_session_gives_its_blocks_to_a_new_one(runner, tmp_path, redis_server):
+    short = make_video(tmp_path / "short.mp4", frames=8, fps=4, pattern="moving_square")
+    config = fast_config(
+        redis_server.url, media_root=tmp_path, kv_budget=_budget(runner, spare_blocks=0)
+    )
+    with running_app(runner, config) as (client, service):
+        ids = []
+        for _ in range(2):
+            response = client.post("/v1/sessions", json={"source": str(short.path)})
+            assert response.status_code == 201
+            ids.append(response.json()["id"])
+        wait_for(lambda: client.get(f"/v1/sessions/{ids[0]}").json()["state"] == "ended")
+        third = client.post("/v1/sessions", json={"source": str(short.path)})
+        assert third.status_code == 201, third.text  # the ended session's blocks were freed
+        assert ids[0] not in service.sessions  # its record and history stay in Redis
+        assert client.get(f"/v1/sessions/{ids[0]}").json()["state"] == "ended"
+
+
+def test_engine_pool_comes_from_the_budget(runner) -> None:
+    layout = runner.kv_layout(16)
+    engine = Engine(runner, EngineConfig(kv_budget=str(100 * layout.bytes_per_block)))
+    assert engine.pool_usage() == (0, 100)
