@@ -154,7 +154,8 @@ def create_app(
     # ---------------------------------------------------------------- REST
     @app.get("/healthz", tags=["service"])
     async def healthz() -> JSONResponse:
-        """Liveness: the model is loaded and the worker thread runs (503 while draining)."""
+        """Liveness: the model is loaded and the engine runs (503 while draining); the KV pool's
+        occupancy."""
         registry = service.registry
         body = {
             "status": "draining" if service.draining else "ok",
@@ -162,6 +163,7 @@ def create_app(
             "node": service.config.node,
             "redis": bool(registry and registry.connected),
             "sessions": len(service.sessions),
+            "kv_pool": service.pool_status(),
         }
         return JSONResponse(body, status_code=503 if service.draining else 200)
 

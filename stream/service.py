@@ -145,6 +145,20 @@ class LiveService:
             raise RuntimeError("the service has not started")
         return self._engine
 
+    def pool_status(self) -> dict[str, int] | None:
+        """The KV pool's occupancy (None before start)."""
+        if self._engine is None:
+            return None
+        used, total = self._engine.pool_usage()
+        size = self._engine.layout.bytes_per_block
+        return {
+            "blocks_used": used,
+            "blocks_total": total,
+            "block_tokens": self._engine.layout.block_size,
+            "bytes_used": used * size,
+            "bytes_total": total * size,
+        }
+
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()

@@ -79,10 +79,18 @@ def test_third_session_is_refused_and_a_full_session_says_so(runner, tmp_path, r
             assert answer["stream_position"] == service.engine.stats(sid).last_time
             assert answer["stream_position"] >= status["stream_position"]
 
-        metrics = client.get("/metrics").text
+        pool = client.get("/healthz").json()["kv_pool"]
+        assert pool["blocks_total"] == pool_blocks and 0 < pool["blocks_used"] <= pool_blocks
+        # Gauges follow on the next status tick.
+        metrics = wait_for(
+            lambda: (
+                (m := client.get("/metrics").text)
+                and 'livelens_sessions{state="full"} 1.0' in m
+                and m
+            )
+        )
         assert 'livelens_sessions_refused_total{reason="kv_pool_exhausted"} 2.0' in metrics
         assert f'livelens_kv_pool_blocks{{state="total"}} {float(pool_blocks)}' in metrics
-        assert 'livelens_sessions{state="full"} 1.0' in metrics
 
 
 def test_an_ended_session_gives_its_blocks_to_a_new_one(runner, tmp_path, redis_server):
