@@ -297,18 +297,28 @@ class ModelRunner:
         """ONE vision pass over `frames` (any grids) -> each frame's kept features (n_i, D)."""
         if not frames:
             return []
-        out = self.encode_frames(
-            torch.cat([f.patches for f in frames]), [(f.gh, f.gw) for f in frames]
-        )
-        return [feats[f.keep.to(feats.device)] for feats, f in zip(out, frames, strict=True)]
+        # Consecutive frames of one grid share a grid row (t, gh, gw): the vision tower's
+        # position code runs per row, its attention per frame either way.
+        rows: list[tuple[int, int, int]] = []
+        for f in frames:
+            if rows and rows[-1][1:] == (f.gh, f.gw):
+                rows[-1] = (rows[-1][0] + 1, f.gh, f.gw)
+            else:
+                rows.append((1, f.gh, f.gw))
+        out = self.encode_frames(torch.cat([f.patches for f in frames]), rows)
+        per_frame = [
+            feats for row, (t, _, _) in zip(out, rows, strict=True) for feats in row.chunk(t)
+        ]
+        return [feats[f.keep.to(feats.device)] for feats, f in zip(per_frame, frames, strict=True)]
 
     @torch.inference_mode()
     def encode_frames(
-        self, patches: torch.Tensor, grids: Sequence[tuple[int, int]]
+        self, patches: torch.Tensor, rows: Sequence[tuple[int, int, int]]
     ) -> list[torch.Tensor]:
-        """Vision tower + projector over packed frames -> per frame (tokens, D) features."""
-        grid = torch.tensor([[1, gh, gw] for gh, gw in grids], device=self.device)
-        merge = torch.full((len(grids),), self.merge_size, device=self.device)
+        """Vision tower + projector over packed frames, grid rows (t, gh, gw) -> per row
+        (t * tokens, D) features."""
+        grid = torch.tensor(list(rows), device=self.device)
+        merge = torch.full((len(rows),), self.merge_size, device=self.device)
         out = self.model.model.get_video_features(
             pixel_values_videos=patches.to(self.device, self.dtype),
             video_grid_thw=grid,

@@ -30,9 +30,9 @@ class SlowRunner(ModelRunner):
         self.encode_delay = encode_delay
         self.prefill_delay = prefill_delay
 
-    def encode_frames(self, patches, grids):  # type: ignore[no-untyped-def]
+    def encode_frames(self, patches, rows):  # type: ignore[no-untyped-def]
         time.sleep(self.encode_delay)
-        return super().encode_frames(patches, grids)
+        return super().encode_frames(patches, rows)
 
     def prefill_packed(self, embeds, positions, mask, kv):  # type: ignore[no-untyped-def]
         time.sleep(self.prefill_delay)
