@@ -151,12 +151,23 @@ def time_offline(
     return statistics.median(samples)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--model, or --arch (random weights) with --layers; --device."""
     parser.add_argument("--model", default="tiny", help="model spec for load_model")
     parser.add_argument("--arch", choices=sorted(ARCHS), help="random-weight real architecture")
     parser.add_argument("--layers", type=int, help="with --arch: text/vision depth override")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_from_args(args: argparse.Namespace) -> LoadedModel:
+    if args.arch:
+        return random_arch(args.arch, args.device, args.layers)
+    return load_model(args.model, device=args.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(parser)
     parser.add_argument("--frames", default="10,100,600")
     parser.add_argument("--height", type=int, default=112)
     parser.add_argument("--width", type=int, default=168)
@@ -167,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     points = sorted(int(x) for x in args.frames.split(","))
 
-    loaded = random_arch(args.arch, args.device, args.layers) if args.arch else load_model(
-        args.model, device=args.device
-    )  # fmt: skip
+    loaded = load_from_args(args)
     frames = synthetic_frames(points[-1], args.height, args.width)
     session = VideoSession(
         ModelRunner(loaded), height=args.height, width=args.width, threshold=args.threshold

@@ -50,6 +50,7 @@ from livelens.model.scheduler import (
     FullReason,
     Refusal,
     Refused,
+    Request,
     RequestStatus,
     Scheduler,
     SchedulerConfig,
@@ -166,29 +167,6 @@ def free_memory(device: torch.device) -> int:
 
 
 # ---------------------------------------------------------------- engine state
-class _Detokenizer:
-    """Text deltas of a growing token list, decoding only a short window per token.
-
-    Re-decoding the whole answer per token is O(n^2). Decoding from `prefix` (the last emitted
-    boundary) keeps byte-level merges and spacing right; a trailing U+FFFD means a UTF-8
-    character is still incomplete, so it waits for the next token.
-    """
-
-    def __init__(self, tokenizer: object) -> None:
-        self.tokenizer = tokenizer
-        self.prefix = 0
-        self.read = 0
-
-    def push(self, ids: list[int]) -> str:
-        decode = self.tokenizer.decode  # type: ignore[attr-defined]
-        before = decode(ids[self.prefix : self.read], skip_special_tokens=True)
-        after = decode(ids[self.prefix :], skip_special_tokens=True)
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""
-        self.prefix, self.read = self.read, len(ids)
-        return after[len(before) :]
-
-
 @dataclass
 class _Session:
     session_id: str
@@ -215,7 +193,8 @@ class _Session:
 
 @dataclass
 class _Active:
-    """Engine-side state of one question: its job, sampling state and detokenizer."""
+    """Engine-side state of one question beside its scheduler `Request` (token ids, detokenizer
+    offsets, status): the asker's job and the sampling state."""
 
     request_id: str
     session_id: str
@@ -223,7 +202,6 @@ class _Active:
     params: SamplingParams
     penalty: float
     generator: torch.Generator
-    detok: _Detokenizer
     seen: torch.Tensor | None = None
     emitted: str = ""
     first_token_at: float | None = None
@@ -628,7 +606,6 @@ class Engine:
             params=params,
             penalty=self.default_repetition_penalty if penalty is None else penalty,
             generator=generator,
-            detok=_Detokenizer(self.tokenizer),
         )
         session.questions.add(request_id)
 
@@ -707,7 +684,7 @@ class Engine:
             self._drop_active(request.request_id)
             return
         ids = list(request.output_ids)
-        delta = active.detok.push(ids)
+        delta = text_delta(self.tokenizer, request)
         if delta:
             active.emitted += delta
             callbacks.add(job.on_token, delta)
@@ -755,6 +732,23 @@ class Engine:
 
 
 # ----------------------------------------------------------------------- helpers
+def text_delta(tokenizer: object, request: Request) -> str:
+    """The answer's new text since the last call, decoding only a short window per token.
+
+    Re-decoding the whole answer per token is O(n^2). Decoding from the request's
+    `prefix_offset` (the last emitted boundary) keeps byte-level merges and spacing right; a
+    trailing U+FFFD means a UTF-8 character is still incomplete, so it waits for the next token.
+    """
+    decode = tokenizer.decode  # type: ignore[attr-defined]
+    ids = request.output_ids
+    before = decode(ids[request.prefix_offset : request.read_offset], skip_special_tokens=True)
+    after = decode(ids[request.prefix_offset :], skip_special_tokens=True)
+    if len(after) <= len(before) or after.endswith("\ufffd"):
+        return ""
+    request.prefix_offset, request.read_offset = request.read_offset, len(ids)
+    return after[len(before) :]
+
+
 def validate_question(question: str) -> str:
     if not isinstance(question, str) or not question.strip():
         raise SessionError("the question is empty")
