@@ -44,9 +44,10 @@ from livelens.model.kv import (
 )
 from livelens.model.prompt import PromptFormat
 from livelens.model.pruner import DiffFramePruner
-from livelens.model.runner import FrameInput, ModelRunner
+from livelens.model.runner import FrameInput, FrameKey, ModelRunner, StepResult, frame_key
 from livelens.model.sampling import MAX_QUESTION_CHARS, SamplingParams, SessionError
 from livelens.model.scheduler import (
+    Frame,
     FullReason,
     Refusal,
     Refused,
@@ -98,6 +99,11 @@ class SessionStats:
     kv_blocks: int
     kv_bytes: int
     last_time: float | None
+    window_start: float | None = None
+    """Media time of the first frame the video holds (it moves when the window slides)."""
+    frames_left: int = 0
+    """Frames that have left the window."""
+    slides: int = 0
 
     @property
     def kept_ratio(self) -> float:
@@ -144,11 +150,15 @@ class EngineConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     max_pending_frames: int = 8
     """Per session: sampled frames waiting for intake (then the oldest is dropped)."""
+    slide_fraction: float = 0.5
+    """Share of a session's window that leaves it at each slide (docs/engine.md)."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
         if self.max_pending_frames < 1:
             raise ValueError(f"max_pending_frames must be >= 1, got {self.max_pending_frames}")
+        if not 0 < self.slide_fraction < 1:
+            raise ValueError(f"slide_fraction must be in (0, 1), got {self.slide_fraction}")
         KVBudget.parse(self.kv_budget)
 
 
@@ -189,6 +199,38 @@ class _Session:
     full_reason: str | None = None
     questions: set[str] = field(default_factory=set)
     """Request ids waiting or running."""
+    window: _Window | None = None
+    """The sliding window's state (None: the video only grows)."""
+
+
+@dataclass
+class _Held:
+    """A prefilled frame's cached features, for rebuilding the window without the vision tower."""
+
+    index: int
+    kept: torch.Tensor | None
+    """The kept projected features (host memory); None when the frame kept no token."""
+    full: torch.Tensor | None
+    """Every projected feature, for anchors (frames a rebuilt window may start at)."""
+
+
+@dataclass
+class _Window:
+    seconds: float
+    """Media seconds of video the session holds at most."""
+    slide_seconds: float
+    """Anchors are at least this far apart; a slide drops the frames before the second one."""
+    held: list[_Held] = field(default_factory=list)
+    """One per prefilled frame in the window, in order (parallel to `_Session.times`)."""
+    next_anchor: float = -math.inf
+    """Media time from which the next frame taken in is an anchor."""
+    slides: int = 0
+    left: int = 0
+    """Frames that have left the window."""
+    rebuild: dict[int, FrameInput] | None = None
+    """Inputs of the rebuilt window's frames while a slide is in progress."""
+    after: tuple[list[float], list[int], list[int], list[_Held]] | None = None
+    """times, kept, prompt ids and held frames of the window once the slide completes."""
 
 
 @dataclass
@@ -314,11 +356,19 @@ class Engine:
         threshold: float,
         min_tokens: int,
         callbacks: FrameCallbacks,
+        window_s: float | None = None,
     ) -> None:
-        """Set the session's frame grid and DiffFP settings (once, at its first frame)."""
+        """Set the session's frame grid, DiffFP settings and window (once, at its first frame).
+
+        window_s: media seconds of video the session holds; older frames leave in slides of
+        `slide_fraction` of it, the rest re-prefilled as one forward over the window (None: the
+        video grows until the context is full).
+        """
         unit = self.runner.patch_size * self.runner.merge_size
         if height <= 0 or width <= 0 or height % unit or width % unit:
             raise SessionError(f"frame grid {height}x{width} must be positive multiples of {unit}")
+        if window_s is not None and not (math.isfinite(window_s) and window_s > 0):
+            raise SessionError(f"the window must be a positive number of seconds, got {window_s}")
         pruner = DiffFramePruner(
             threshold=threshold, min_tokens=min_tokens, device=self.runner.device
         )
@@ -330,6 +380,8 @@ class Engine:
             session.height, session.width = height, width
             merged = self.runner.patch_size * self.runner.merge_size
             session.tokens_per_frame = (height // merged) * (width // merged)
+            if window_s is not None:
+                session.window = _Window(window_s, window_s * self.config.slide_fraction)
 
     def close_session(self, key: str) -> None:
         """Forget a session: its frames are dropped, its questions cancelled (no callbacks),
@@ -405,6 +457,9 @@ class Engine:
                 kv_blocks=view.blocks,
                 kv_bytes=view.blocks * self.layout.bytes_per_block,
                 last_time=session.times[-1] if session.times else None,
+                window_start=session.times[0] if session.times else None,
+                frames_left=session.window.left if session.window else 0,
+                slides=session.window.slides if session.window else 0,
             )
 
     def full_reason(self, key: str) -> str | None:
@@ -455,9 +510,7 @@ class Engine:
             self._intake(callbacks)
             plan = self.scheduler.schedule()
             inputs = {
-                (prefill.session_id, frame.index): self._sessions[prefill.session_id].frames.pop(
-                    frame.index
-                )
+                frame_key(prefill.session_id, frame): self._frame_input(prefill.session_id, frame)
                 for prefill in plan.frames
                 for frame in prefill.frames
             }
@@ -504,11 +557,18 @@ class Engine:
             self.steps += 1
             self.busy_seconds += took
             self.max_step_seconds = max(self.max_step_seconds, took)
-            self._record_frames(plan, inputs, result is None, took, callbacks)
+            self._record_frames(plan, inputs, result, took, callbacks)
             for request in self.scheduler.update(StepOutput(plan.step, sampled, failed)):
                 self._advance(request, callbacks)
         callbacks.run()
         return True
+
+    def _frame_input(self, session_id: str, frame: Frame) -> FrameInput:
+        session = self._sessions[session_id]
+        if frame.rebuild:
+            assert session.window is not None and session.window.rebuild is not None
+            return session.window.rebuild.pop(frame.index)
+        return session.frames.pop(frame.index)
 
     def _questions(self, key: str) -> int:
         session = self._sessions.get(key)
@@ -574,12 +634,17 @@ class Engine:
             except Refused as exc:
                 self._close_frames(session, str(exc), callbacks)
                 return
+            window = session.window
+            anchor = window is not None and t >= window.next_anchor
+            if anchor:
+                window.next_anchor = t + window.slide_seconds
             session.frames[frame.index] = FrameInput(
+                label_ids=label_ids,
                 patches=pruned.patches[i * per_frame : (i + 1) * per_frame],
                 gh=session.height // self.runner.patch_size,
                 gw=session.width // self.runner.patch_size,
                 keep=keep,
-                label_ids=label_ids,
+                anchor=anchor,
             )
 
     def _add_question(self, key: str, job: QuestionJob, callbacks: _Callbacks) -> None:
@@ -641,8 +706,8 @@ class Engine:
     def _record_frames(
         self,
         plan: StepPlan,
-        inputs: dict[tuple[str, int], FrameInput],
-        broken: bool,
+        inputs: dict[FrameKey, FrameInput],
+        result: StepResult | None,
         took: float,
         callbacks: _Callbacks,
     ) -> None:
@@ -650,26 +715,107 @@ class Engine:
             session = self._sessions.get(prefill.session_id)
             if session is None:
                 continue
-            if broken:
+            if result is None:
                 self._close_frames(session, "the model failed on this session's frames", callbacks)
                 continue
+            if prefill.session_id in plan.rebuilt:
+                self._finish_slide(session)  # live frames of this prefill follow the window
+            live = [frame for frame in prefill.frames if not frame.rebuild]
             kept = 0
-            for frame in prefill.frames:
-                item = inputs[(prefill.session_id, frame.index)]
+            for frame in live:
+                item = inputs[frame_key(prefill.session_id, frame)]
                 n = item.kept if frame.tokens else 0
                 session.times.append(frame.time)
                 session.kept.append(n)
                 if n:
                     session.prompt_ids += [*item.label_ids, *[self.video_token_id] * n]
                 kept += n
-            if session.callbacks is not None:
-                result = AppendResult(
-                    frames=len(prefill.frames),
+                if session.window is not None:
+                    key = (prefill.session_id, frame.index)
+                    features = result.features.get(key) if n else None
+                    full = result.full.get(key)
+                    session.window.held.append(
+                        _Held(
+                            frame.index,
+                            None if features is None else features.to("cpu"),
+                            None if full is None else full.to("cpu"),
+                        )
+                    )
+            if live and session.callbacks is not None:
+                appended = AppendResult(
+                    frames=len(live),
                     kept_tokens=kept,
-                    total_tokens=len(prefill.frames) * session.tokens_per_frame,
+                    total_tokens=len(live) * session.tokens_per_frame,
                     seconds=took,
                 )
-                callbacks.add(session.callbacks.on_appended, result)
+                callbacks.add(session.callbacks.on_appended, appended)
+            if session.window is not None:
+                self._maybe_slide(session)
+
+    # ------------------------------------------------------------------ window
+    def _maybe_slide(self, session: _Session) -> None:
+        """Start a slide when the window spans its seconds, or its tokens near the context."""
+        window = session.window
+        assert window is not None
+        if window.rebuild is not None or session.full_reason is not None or not session.times:
+            return
+        tokens = self.scheduler.session(session.session_id).tokens
+        span = session.times[-1] - session.times[0]
+        near_full = tokens > 0.9 * self.scheduler.config.max_video_tokens
+        if span < window.seconds and not near_full:
+            return
+        # The window starts at an anchor; it slides to the next one.
+        start = next((i for i, h in enumerate(window.held) if i and h.full is not None), None)
+        if start is None:
+            return
+        self._start_slide(session, start)
+
+    def _start_slide(self, session: _Session, start: int) -> None:
+        """Rebuild the window from frame `start` of `held`: the frame's full features first, as
+        a forward over the window alone has them, then the others' kept features, labels
+        tokenized as one prompt over these frames."""
+        window = session.window
+        assert window is not None
+        held = window.held[start:]
+        times = session.times[start:]
+        pending = self.prompt.prefix
+        layout: list[tuple[int, float, int]] = []
+        inputs: dict[int, FrameInput] = {}
+        kept: list[int] = []
+        prompt_ids: list[int] = []
+        for position, (frame, t) in enumerate(zip(held, times, strict=True)):
+            features = frame.full if position == 0 else frame.kept
+            n = 0 if features is None else int(features.shape[0])
+            pending += self.prompt.frame_label(position, t)
+            ids: tuple[int, ...] = ()
+            if n:
+                ids = tuple(self._tokenize(pending))
+                pending = ""
+                inputs[frame.index] = FrameInput(label_ids=ids, features=features)
+                prompt_ids += [*ids, *[self.video_token_id] * n]
+            # A frame with no token adds nothing: its label is in the next frame's text, or
+            # (the last ones) in what live frames and questions were tokenized with already.
+            layout.append((frame.index, t, len(ids) + n if n else 0))
+            kept.append(n)
+        try:
+            self.scheduler.slide(session.session_id, layout)
+        except Refused as exc:
+            logger.debug("session %s cannot slide yet: %s", session.session_id, exc)
+            return
+        # Frames with no token are never prefilled: the scheduler skips them as it does live.
+        window.rebuild = inputs | {
+            index: FrameInput(label_ids=()) for index, _, n in layout if not n
+        }
+        first = _Held(held[0].index, held[0].full, held[0].full)  # shows all of its tokens now
+        window.after = (times, kept, prompt_ids, [first, *held[1:]])
+
+    def _finish_slide(self, session: _Session) -> None:
+        window = session.window
+        assert window is not None and window.after is not None
+        window.left += len(session.times) - len(window.after[0])
+        session.times, session.kept, session.prompt_ids, window.held = window.after
+        window.after, window.rebuild = None, None
+        window.slides += 1
 
     def _advance(self, request, callbacks: _Callbacks) -> None:
         active = self._active.get(request.request_id)

@@ -342,6 +342,12 @@ class KVCacheManager:
         table.tokens += tokens
         return Placement(start, tokens, tuple(writes), copy, tuple(allocated))
 
+    def rename(self, key: Hashable, new_key: Hashable) -> None:
+        """The same table (blocks, tokens, promise) under another key."""
+        if new_key in self._tables:
+            raise KeyError(f"sequence {new_key!r} already has a block table")
+        self._tables[new_key] = self._tables.pop(key)
+
     def free(self, key: Hashable) -> list[int]:
         """Forget `key`'s table and promise; returns the blocks that became free."""
         table = self._tables.pop(key)

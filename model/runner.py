@@ -29,27 +29,44 @@ from transformers import AttentionInterface
 
 from livelens.model.kv import BlockCopy, KVLayout
 from livelens.model.loading import LoadedModel
-from livelens.model.scheduler import StepPlan
+from livelens.model.scheduler import Frame, StepPlan
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+FrameKey = tuple[str, int, bool]
+"""(session id, frame index, rebuild): how a plan's frame finds its input."""
+
+
+def frame_key(session_id: str, frame: Frame) -> FrameKey:
+    return (session_id, frame.index, frame.rebuild)
+
+
 @dataclass(frozen=True)
 class FrameInput:
-    """One frame as the runner needs it: DiffFP's output and the label text before it."""
+    """One frame as the runner needs it: DiffFP's output (or, for a frame prefilled again into
+    a rebuilt window, its cached features) and the label tokens before it."""
 
-    patches: torch.Tensor
-    """(gh * gw, 3 * p * p) normalized pixel patches, VideoLLaMA3 patch order."""
-    gh: int
-    gw: int
-    keep: torch.Tensor
-    """(tokens,) bool: the merged visual tokens DiffFP keeps."""
     label_ids: tuple[int, ...]
     """Text tokens before the kept visual tokens (empty when the frame keeps no token: its
     label then joins the next frame's text)."""
+    patches: torch.Tensor | None = None
+    """(gh * gw, 3 * p * p) normalized pixel patches, VideoLLaMA3 patch order."""
+    gh: int = 0
+    gw: int = 0
+    keep: torch.Tensor | None = None
+    """(tokens,) bool: the merged visual tokens DiffFP keeps."""
+    anchor: bool = False
+    """Keep all of the frame's projected features (`StepResult.full`): a rebuilt window may
+    start at it, and its first frame shows every token."""
+    features: torch.Tensor | None = None
+    """Projected visual features to prefill instead of encoding pixels (a rebuilt window)."""
 
     @property
     def kept(self) -> int:
+        if self.features is not None:
+            return int(self.features.shape[0])
+        assert self.keep is not None
         return int(self.keep.sum())
 
 
@@ -213,7 +230,9 @@ class StepResult:
     logits: dict[str, torch.Tensor]
     """Request id -> float32 logits of its next token (vocabulary,)."""
     features: dict[tuple[str, int], torch.Tensor]
-    """(session id, frame index) -> the kept projected visual features the frame prefilled."""
+    """(session id, frame index) -> the kept projected visual features a live frame prefilled."""
+    full: dict[tuple[str, int], torch.Tensor]
+    """(session id, frame index) -> every projected feature of an anchor frame."""
 
 
 class ModelRunner:
@@ -249,7 +268,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------- one step
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, frames: Mapping[tuple[str, int], FrameInput]) -> StepResult:
+    def execute(self, plan: StepPlan, frames: Mapping[FrameKey, FrameInput]) -> StepResult:
         """Run a plan; `frames` holds the input of every frame the plan prefills."""
         kv = self.kv
         if kv is None:
@@ -259,13 +278,15 @@ class ModelRunner:
         kv.copy_blocks(plan.copies)
 
         wanted = [
-            (prefill.session_id, frame.index)
+            frame_key(prefill.session_id, frame)
             for prefill in plan.frames
             for frame in prefill.frames
-            if frame.tokens
+            if not frame.rebuild
+            and (frame.tokens or frames[frame_key(prefill.session_id, frame)].anchor)
         ]
-        features = self.encode([frames[key] for key in wanted])
-        kept = dict(zip(wanted, features, strict=True))
+        encoded = self.encode([frames[key] for key in wanted])
+        kept = {key[:2]: k for key, (k, _) in zip(wanted, encoded, strict=True)}
+        full = {key[:2]: f for key, (_, f) in zip(wanted, encoded, strict=True) if f is not None}
 
         sequences = [
             _Sequence(
@@ -284,17 +305,23 @@ class ModelRunner:
             for frame in prefill.frames:
                 if not frame.tokens:
                     continue
-                embeds += [
-                    self.embed_tokens(frames[(prefill.session_id, frame.index)].label_ids),
-                    kept[(prefill.session_id, frame.index)],
-                ]
+                item = frames[frame_key(prefill.session_id, frame)]
+                visual = (
+                    item.features.to(self.device, self.dtype)
+                    if item.features is not None
+                    else kept[(prefill.session_id, frame.index)]
+                )
+                embeds += [self.embed_tokens(item.label_ids), visual]
             if embeds:
                 sequences.append(_Sequence(embeds, prefill.placement.start, prefill.block_table))
         logits = self.forward(sequences) if sequences else {}
-        return StepResult(logits=logits, features=kept)
+        return StepResult(logits=logits, features=kept, full=full)
 
-    def encode(self, frames: Sequence[FrameInput]) -> list[torch.Tensor]:
-        """ONE vision pass over `frames` (any grids) -> each frame's kept features (n_i, D)."""
+    def encode(
+        self, frames: Sequence[FrameInput]
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """ONE vision pass over `frames` (any grids) -> per frame (kept features (n_i, D), all
+        of its features for an anchor, else None)."""
         if not frames:
             return []
         # Consecutive frames of one grid share a grid row (t, gh, gw): the vision tower's
@@ -305,11 +332,16 @@ class ModelRunner:
                 rows[-1] = (rows[-1][0] + 1, f.gh, f.gw)
             else:
                 rows.append((1, f.gh, f.gw))
-        out = self.encode_frames(torch.cat([f.patches for f in frames]), rows)
+        patches = [f.patches for f in frames]
+        assert all(p is not None for p in patches), "a live frame comes with its patches"
+        out = self.encode_frames(torch.cat(patches), rows)  # type: ignore[arg-type]
         per_frame = [
             feats for row, (t, _, _) in zip(out, rows, strict=True) for feats in row.chunk(t)
         ]
-        return [feats[f.keep.to(feats.device)] for feats, f in zip(per_frame, frames, strict=True)]
+        return [
+            (feats[f.keep.to(feats.device)], feats if f.anchor else None)  # type: ignore[union-attr]
+            for feats, f in zip(per_frame, frames, strict=True)
+        ]
 
     @torch.inference_mode()
     def encode_frames(

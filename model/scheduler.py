@@ -16,6 +16,13 @@ Policy, per step:
 A session is admitted only if the pool can hold its minimum; running sessions are never evicted.
 A session whose context or whose share of the pool is exhausted becomes FULL (with a reason),
 drops its waiting frames and takes no more; its questions are still answered.
+
+Sliding window (`slide`): the engine hands the scheduler the frames still in a session's window,
+with their token counts as one forward over them has them. They are prefilled again (from cached
+visual features) into a new block table, interleaved with other work like any frames; meanwhile
+questions fork off the old video and new frames wait. When the last of them is placed, the new
+table becomes the session's video and the old one's blocks are freed (answers forked off it keep
+theirs).
 """
 
 from __future__ import annotations
@@ -137,6 +144,7 @@ class Refusal(StrEnum):
     """Machine-readable reasons for refusing a session, a frame or a question."""
 
     KV_POOL_EXHAUSTED = "kv_pool_exhausted"
+    SLIDE_IN_PROGRESS = "slide_in_progress"
     SESSION_EXISTS = "session_exists"
     UNKNOWN_SESSION = "unknown_session"
     SESSION_FULL = "session_full"
@@ -165,6 +173,8 @@ class Frame:
     time: float
     tokens: int
     """Frame label plus kept visual tokens (0 when every token was pruned)."""
+    rebuild: bool = False
+    """A frame already in the video, prefilled again into the session's rebuilt window."""
 
 
 @dataclass
@@ -210,6 +220,8 @@ class _Session:
     full_reason: FullReason | None = None
     dropped: int = 0
     """Waiting frames dropped when the session became full."""
+    rebuild: deque[Frame] | None = None
+    """The window being prefilled again (`slide`); None when no slide is in progress."""
 
 
 @dataclass(frozen=True)
@@ -225,6 +237,8 @@ class SessionView:
     tokens: int
     blocks: int
     stream_position: float | None
+    sliding: bool = False
+    """A rebuilt window is being prefilled (`slide`)."""
 
 
 @dataclass(frozen=True)
@@ -289,6 +303,9 @@ class StepPlan:
     """Blocks that became free since the previous plan (finished or cancelled answers)."""
     full: tuple[SessionFull, ...] = ()
     """Sessions that became full while this plan was made."""
+    rebuilt: tuple[str, ...] = ()
+    """Sessions whose rebuilt window became their video in this plan (the old blocks are freed;
+    live frames of the same `FramePrefill` follow the rebuilt ones)."""
     failed: tuple[str, ...] = ()
     """Questions finished with an error while this plan was made (their video never came)."""
 
@@ -335,6 +352,10 @@ def _session_key(session_id: str) -> tuple[str, str]:
 
 def _request_key(request_id: str) -> tuple[str, str]:
     return ("request", request_id)
+
+
+def _rebuild_key(session_id: str) -> tuple[str, str]:
+    return ("rebuild", session_id)
 
 
 class Scheduler:
@@ -386,6 +407,36 @@ class Scheduler:
                 self.cancel(request.request_id)
         self._order.remove(session_id)
         self._freed += self.kv.free(_session_key(session_id))
+        if session.rebuild is not None:
+            self._freed += self.kv.free(_rebuild_key(session_id))
+
+    def slide(self, session_id: str, frames: list[tuple[int, float, int]]) -> None:
+        """Rebuild the session's video from `frames` (index, time, tokens), the frames still in
+        its window with their token counts as one forward over them has them.
+
+        The blocks for them are promised now; `Refused(KV_POOL_EXHAUSTED)` if the pool cannot
+        (the engine tries again later), `Refused(SLIDE_IN_PROGRESS)` during another slide.
+        Questions waiting for frames not prefilled yet fork off the current video instead.
+        """
+        session = self._session(session_id)
+        if session.rebuild is not None:
+            raise Refused(Refusal.SLIDE_IN_PROGRESS, f"session {session_id} is already sliding")
+        if not frames or sum(n for *_, n in frames) > self.config.max_video_tokens:
+            raise ValueError("a rebuilt window needs frames, and they must fit the context")
+        blocks = -(-sum(n for *_, n in frames) // self.block_size)
+        if blocks > self.kv.available - self.headroom_blocks:
+            raise Refused(
+                Refusal.KV_POOL_EXHAUSTED,
+                f"the KV pool cannot hold session {session_id}'s rebuilt window ({blocks} blocks)",
+            )
+        key = _rebuild_key(session_id)
+        self.kv.open(key)
+        self.kv.reserve(key, blocks)
+        session.rebuild = deque(Frame(i, t, n, rebuild=True) for i, t, n in frames)
+        for request_id in self._waiting:
+            request = self._requests[request_id]
+            if request.session_id == session_id:
+                request.frame_mark = min(request.frame_mark, session.scheduled)
 
     def add_frame(self, session_id: str, time: float, tokens: int) -> Frame:
         """Queue a frame at the end of its session's stream; `Refused` if it cannot be taken."""
@@ -427,6 +478,7 @@ class Scheduler:
             tokens=self.kv.tokens(key),
             blocks=len(self.kv.blocks(key)),
             stream_position=session.last_time,
+            sliding=session.rebuild is not None,
         )
 
     def pool(self) -> PoolView:
@@ -467,7 +519,11 @@ class Scheduler:
             prompt_ids=prompt,
             params=params,
             stop_ids=frozenset(stop_ids),
-            frame_mark=session.admitted - session.dropped,
+            # During a slide the video stops at what is prefilled: the question forks off it
+            # now rather than wait for the rebuilt window.
+            frame_mark=session.scheduled
+            if session.rebuild is not None
+            else session.admitted - session.dropped,
             arrival=self._arrivals,
         )
         self._arrivals += 1
@@ -510,7 +566,7 @@ class Scheduler:
         )
         decodes = self._schedule_decodes(budget)
         questions = self._schedule_questions(budget)
-        frames, full = self._schedule_frames(budget)
+        frames, full, rebuilt = self._schedule_frames(budget)
         plan = StepPlan(
             step=self._step,
             decodes=decodes,
@@ -518,6 +574,7 @@ class Scheduler:
             frames=frames,
             freed=tuple(self._freed),
             full=full,
+            rebuilt=rebuilt,
             failed=tuple(self._failed),
         )
         self._freed, self._failed = [], []
@@ -588,7 +645,11 @@ class Scheduler:
         if not limit:
             return None
         busy = {self._requests[r].session_id for r in (*self._running, *self._waiting)}
-        chosen = [sid for sid in self._order if sid in busy or self._sessions[sid].waiting][:limit]
+        chosen = [
+            sid
+            for sid in self._order
+            if sid in busy or self._sessions[sid].waiting or self._sessions[sid].rebuild
+        ][:limit]
         return frozenset(chosen)
 
     def _schedule_decodes(self, budget: _Budget) -> tuple[DecodeStep, ...]:
@@ -646,9 +707,10 @@ class Scheduler:
 
     def _schedule_frames(
         self, budget: _Budget
-    ) -> tuple[tuple[FramePrefill, ...], tuple[SessionFull, ...]]:
+    ) -> tuple[tuple[FramePrefill, ...], tuple[SessionFull, ...], tuple[str, ...]]:
         taken: dict[str, list[tuple[Frame, Placement | None]]] = {}
         full: list[SessionFull] = []
+        rebuilt: list[str] = []
         marks: dict[str, int] = {}  # per session, the admission point of its next question
         for request_id in self._waiting:
             request = self._requests[request_id]
@@ -666,33 +728,60 @@ class Scheduler:
                 frame = self._next_frame(session, budget, marks.get(session_id))
                 if frame is None:
                     continue
-                key = _session_key(session_id)
-                reason = self._frame_blocked(key, frame)
+                key = _rebuild_key(session_id) if frame.rebuild else _session_key(session_id)
+                reason = None if frame.rebuild else self._frame_blocked(key, frame)
                 if reason is not None:
                     full.append(self._mark_full(session, reason))
                     continue
                 placement = self.kv.append(key, frame.tokens) if frame.tokens else None
-                session.waiting.popleft()
-                session.scheduled += 1
-                session.last_time = frame.time
+                if frame.rebuild:
+                    assert session.rebuild is not None
+                    session.rebuild.popleft()
+                    if not session.rebuild:
+                        self._swap(session)
+                        rebuilt.append(session_id)
+                else:
+                    session.waiting.popleft()
+                    session.scheduled += 1
+                    session.last_time = frame.time
                 budget.tokens -= frame.tokens
                 budget.frames -= 1
                 taken.setdefault(session_id, []).append((frame, placement))
                 progress = True
-        prefills = tuple(
-            FramePrefill(
-                session_id,
-                tuple(frame for frame, _ in items),
-                _merge(self.kv.tokens(_session_key(session_id)), [p for _, p in items]),
-                self.kv.blocks(_session_key(session_id)),
+        prefills = []
+        for session_id, items in taken.items():
+            # Rebuild frames and live frames of one step share a table: live frames only follow
+            # once the rebuilt window became the video.
+            key = (
+                _rebuild_key(session_id)
+                if self._sessions[session_id].rebuild is not None
+                else _session_key(session_id)
             )
-            for session_id, items in taken.items()
-        )
-        return prefills, tuple(full)
+            prefills.append(
+                FramePrefill(
+                    session_id,
+                    tuple(frame for frame, _ in items),
+                    _merge(self.kv.tokens(key), [p for _, p in items]),
+                    self.kv.blocks(key),
+                )
+            )
+        return tuple(prefills), tuple(full), tuple(rebuilt)
+
+    def _swap(self, session: _Session) -> None:
+        """The rebuilt window becomes the session's video; the old video's blocks are freed
+        (forked answers hold their own references)."""
+        key = _session_key(session.session_id)
+        self._freed += self.kv.free(key)
+        self.kv.rename(_rebuild_key(session.session_id), key)
+        session.rebuild = None
 
     @staticmethod
     def _next_frame(session: _Session, budget: _Budget, mark: int | None) -> Frame | None:
-        """The session's next frame if it may go this step (order, question mark, budget)."""
+        """The session's next frame if it may go this step (order, question mark, budget).
+        During a slide that is the rebuilt window's next frame; live frames wait."""
+        if session.rebuild is not None:
+            frame = session.rebuild[0]
+            return frame if frame.tokens <= budget.tokens else None
         if session.state is not SessionState.ACTIVE or not session.waiting:
             return None
         frame = session.waiting[0]

@@ -374,3 +374,86 @@ def test_close_during_answer_cancels_it(threaded) -> None:
     assert not threaded.submit_frame("a", clip[1], 1.0)
     with pytest.raises(KeyError):
         threaded.submit_question("a", Recorder().job)
+
+
+# ------------------------------------------------------------------------ sliding window
+def _windowed(tiny_model, window_s: float) -> tuple[Engine, Plans]:
+    engine = _engine(tiny_model)
+    plans = Plans(engine)
+    engine.open_session("a")
+    engine.configure(
+        "a",
+        height=HEIGHT,
+        width=WIDTH,
+        threshold=THRESHOLD,
+        min_tokens=1,
+        callbacks=Frames().callbacks(),
+        window_s=window_s,
+    )
+    return engine, plans
+
+
+def test_after_slides_the_video_is_one_forward_over_the_window(tiny_model) -> None:
+    """Frames 1 s apart, a 4 s window sliding 2 s at a time: after every slide the cache equals
+    transformers' forward over the window's frames alone (first frame with all its tokens,
+    original time labels, positions from 0); the vision tower never sees a frame twice."""
+    engine, plans = _windowed(tiny_model, 4.0)
+    frames, times = _clip(4, 13)
+    encoded = []
+    encode = engine.runner.encode_frames
+
+    def counting(patches, rows):
+        encoded.append(sum(t for t, _, _ in rows))
+        return encode(patches, rows)
+
+    engine.runner.encode_frames = counting  # type: ignore[method-assign]
+    checked = 0
+    for i, (image, t) in enumerate(zip(frames, times, strict=True)):
+        engine.submit_frame("a", image, t)
+        _run(engine, lambda: engine.pending("a") == 0 and not _sliding(engine))
+        record = engine.session_record("a")
+        if i in (6, 12):  # after two and after four slides
+            held = [times.index(t) for t in record.times]
+            assert held == list(range(held[0], i + 1))
+            recorder = Recorder()
+            engine.submit_question("a", recorder.job)
+            _run(engine, recorder.done.is_set)
+            _check(tiny_model, recorder, frames[held[0] : i + 1], times[held[0] : i + 1])
+            assert (
+                record.prompt_ids
+                == OfflineReference(
+                    tiny_model, frames[held[0] : i + 1], times[held[0] : i + 1], threshold=THRESHOLD
+                ).input_ids(QUESTIONS[0])[: len(record.prompt_ids)]
+            )
+            checked += 1
+    stats = engine.stats("a")
+    assert checked == 2 and stats.slides >= 4
+    assert stats.frames_left + stats.frames == 13
+    assert stats.window_start == engine.session_record("a").times[0] > times[0]
+    assert sum(encoded) == 13  # rebuilds reuse the cached features
+    assert any(any(f.rebuild for p in plan.frames for f in p.frames) for plan in plans.plans)
+
+
+def _sliding(engine: Engine) -> bool:
+    return engine.scheduler.session("a").sliding
+
+
+def test_a_question_during_a_slide_answers_over_the_old_window(tiny_model) -> None:
+    """A question asked while the window is being rebuilt forks off the old video at once,
+    and its answer is the forward over the old window's frames."""
+    engine, _ = _windowed(tiny_model, 4.0)
+    frames, times = _clip(6, 12)
+    for i in range(len(times)):
+        engine.submit_frame("a", frames[i], times[i])
+        _run(engine, lambda: engine.pending("a") == 0)
+        if _sliding(engine):
+            break
+    else:
+        raise AssertionError("the window never slid")
+    old = [times.index(t) for t in engine.session_record("a").times]
+    assert old[-1] == i
+    recorder = Recorder()
+    engine.submit_question("a", recorder.job)  # forks before the rebuilt window replaces the video
+    _run(engine, lambda: recorder.done.is_set() and not _sliding(engine))
+    _check(tiny_model, recorder, frames[old[0] : i + 1], times[old[0] : i + 1])
+    assert engine.session_record("a").times[0] > times[old[0]]

@@ -14,6 +14,7 @@ from livelens.model.kv import BlockCopy, BlockPool, BlockWrite, KVCacheManager, 
 from livelens.model.sampling import SamplingParams
 from livelens.model.scheduler import (
     FinishReason,
+    Frame,
     FullReason,
     PoolView,
     Refusal,
@@ -567,3 +568,57 @@ def test_one_session_per_step_takes_turns_with_all_of_its_work() -> None:
         unlimited.add_session(sid)
         unlimited.add_frame(sid, 0.0, tokens=2)
     assert _frames(_step(unlimited)) == {"a": [0], "b": [0]}
+
+
+# --------------------------------------------------------------------------- sliding window
+def test_a_slide_rebuilds_the_window_in_new_blocks_then_frees_the_old_video() -> None:
+    s = _scheduler(max_frames_per_step=1)
+    s.add_session("a")
+    for i in range(3):
+        s.add_frame("a", float(i), tokens=4)
+    for _ in range(3):
+        _step(s)  # blocks 0, 1, 2 hold frames 0-2
+    assert s.session("a").tokens == 12
+    # Frames 1 and 2 stay; frame 1, now first, is 6 tokens (all of its visual tokens).
+    s.slide("a", [(1, 1.0, 6), (2, 2.0, 4)])
+    assert s.session("a").sliding
+    s.add_frame("a", 3.0, tokens=4)
+    q = _ask(s, "q", "a", prompt=2, new=2)
+    assert q.frame_mark == 3  # a question during the slide sees the video there is
+    first = _step(s)
+    assert [(q.request_id, q.placement.start) for q in first.questions] == [("q", 12)]
+    assert first.frames[0].frames == (Frame(1, 1.0, 6, rebuild=True),)
+    assert first.frames[0].placement == Placement(
+        0, 6, (BlockWrite(4, 0, 4), BlockWrite(5, 0, 2)), None, (4, 5)
+    )
+    assert first.frames[0].block_table == (4, 5)  # q took block 3
+    assert s.session("a").tokens == 12 and first.rebuilt == ()
+    second = _step(s, q=9)
+    # The window's last frame, the swap, then the waiting live frame in the same table.
+    assert second.rebuilt == ("a",)
+    assert [(f.index, f.rebuild) for f in second.frames[0].frames] == [(2, True)]
+    third = _step(s, q=STOP)
+    assert [(f.index, f.rebuild) for f in third.frames[0].frames] == [(3, False)]
+    assert third.frames[0].placement.start == 10
+    # The old video's blocks outlive the swap while q holds them, then go with q's own.
+    assert sorted(third.freed) == [0, 1, 2, 3]
+    view = s.session("a")
+    assert view.tokens == 14 and not view.sliding and view.frames_prefilled == 4
+
+
+def test_a_slide_needs_room_and_one_at_a_time() -> None:
+    s = _scheduler(blocks=12)  # 2 for the session's minimum, 3 kept for an answer
+    s.add_session("a")
+    for i in range(4):
+        s.add_frame("a", float(i), tokens=4)
+    _step(s)
+    with pytest.raises(Refused) as refused:
+        s.slide("a", [(i, float(i), 6) for i in range(4)])  # 6 blocks: 12 - 4 used - 3 kept < 6
+    assert refused.value.reason is Refusal.KV_POOL_EXHAUSTED
+    s.slide("a", [(3, 3.0, 4)])
+    with pytest.raises(Refused) as again:
+        s.slide("a", [(3, 3.0, 4)])
+    assert again.value.reason is Refusal.SLIDE_IN_PROGRESS
+    assert _step(s).rebuilt == ("a",)
+    s.close_session("a")
+    assert s.pool().blocks_used == 0
