@@ -223,6 +223,9 @@ class Status:
     live_edge: float | None
     stream_position: float | None
     lag: float | None
+    window_start: float | None
+    """Media time of the oldest frame the model holds (the window slides on long streams)."""
+    window_end: float | None
     questions_waiting: int
     time: str
 
@@ -249,6 +252,8 @@ class SessionStats:
     live_edge: float | None = None
     stream_position: float | None = None
     lag: float | None = None
+    window_start: float | None = None
+    window_end: float | None = None
     gaps: tuple[tuple[float, float], ...] = ()
     """Media-time spans a pull source was down."""
 

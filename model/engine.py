@@ -152,6 +152,9 @@ class EngineConfig:
     """Per session: sampled frames waiting for intake (then the oldest is dropped)."""
     slide_fraction: float = 0.5
     """Share of a session's window that leaves it at each slide (docs/engine.md)."""
+    sessions: int = 1
+    """Sessions the pool is meant to hold at once (the service's --max-sessions): default
+    windows are sized from an even share of it."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
@@ -470,6 +473,17 @@ class Engine:
     def session_record(self, key: str) -> _Session:
         """The session's engine record (read it only while the engine is not stepping)."""
         return self._session(key)
+
+    def default_window(self, tokens_per_frame: int, fps: float) -> float:
+        """Media seconds of window for a session at this grid and rate: what fits 90% of the
+        context with no token pruned (the label takes ~8 tokens), and no more than half of an
+        even share of the pool among `EngineConfig.sessions` (a slide holds the old and the
+        rebuilt window at once). At least 10 s."""
+        per_second = (tokens_per_frame + 8) * fps
+        context = 0.9 * self.scheduler.config.max_video_tokens / per_second
+        pool_tokens = self.scheduler.kv.pool.num_blocks * self.layout.block_size
+        share = pool_tokens / (2 * self.config.sessions) / per_second
+        return max(10.0, min(context, share))
 
     @property
     def pool_bytes(self) -> int:

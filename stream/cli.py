@@ -248,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="sampled frames a session may queue for the model before the oldest are dropped",
     )
     serve.add_argument(
+        "--window",
+        default="auto",
+        help="media seconds of video each session's model holds; older frames slide out and the "
+        "rest is re-prefilled (exact). 'auto' (default): what fits the context unpruned and a "
+        "fair share of the KV pool, e.g. ~4.8 min at 1 fps and 91 tokens per frame",
+    )
+    serve.add_argument(
         "--kv-budget",
         default=DEFAULT_KV_BUDGET,
         help="KV cache pool for all sessions: bytes ('8GiB', '512MB') or a fraction of the "

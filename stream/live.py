@@ -77,6 +77,9 @@ class SessionSettings:
     prune_threshold: float
     tokens_per_frame: int
     min_tokens: int = 1
+    window_s: float | None = None
+    """Media seconds of video the model holds; None: derived from the context and the KV pool
+    (`Engine.default_window`)."""
     thumbnails: int = DEFAULT_CAPACITY
     """JPEG thumbnails of sampled frames kept for the console (a ring: the newest)."""
     max_questions: int = 32
@@ -205,6 +208,9 @@ class LiveSession:
         height, width = decoded.frame.height, decoded.frame.width
         try:
             self.grid = choose_grid(height, width, tokens_per_frame=self.settings.tokens_per_frame)
+            window = self.settings.window_s or self.engine.default_window(
+                self.grid.tokens, self.settings.fps
+            )
             self.engine.configure(
                 self.id,
                 height=self.grid.height,
@@ -212,6 +218,7 @@ class LiveSession:
                 threshold=self.settings.prune_threshold,
                 min_tokens=self.settings.min_tokens,
                 callbacks=FrameCallbacks(self._appended, self._append_failed),
+                window_s=window,
             )
         except (ValueError, KeyError) as exc:
             self.loop.call_soon_threadsafe(
@@ -220,13 +227,14 @@ class LiveSession:
             return
         self.model_started = True
         logger.info(
-            "session %s: %sx%s -> grid %sx%s (%s tokens/frame)",
+            "session %s: %sx%s -> grid %sx%s (%s tokens/frame), window %.0f s",
             self.id,
             width,
             height,
             self.grid.width,
             self.grid.height,
             self.grid.tokens,
+            window,
         )
 
     def _appended(self, result: AppendResult) -> None:
@@ -503,6 +511,8 @@ class LiveSession:
                 live_edge=edge,
                 stream_position=position,
                 lag=self._lag(edge, position),
+                window_start=stats.window_start if stats else None,
+                window_end=position,
                 questions_waiting=self.engine.questions(self.id),
                 time=iso(time.time()),
             )

@@ -208,6 +208,12 @@ class StatusMessage(BaseModel):
     live_edge: float | None
     stream_position: float | None
     lag: float | None = Field(description="seconds between the newest frame and the model's")
+    window_start: float | None = Field(
+        default=None, description="media time of the oldest frame the model holds"
+    )
+    window_end: float | None = Field(
+        default=None, description="media time of the newest frame the model holds"
+    )
     questions_waiting: int
     time: str
 
@@ -232,6 +238,13 @@ class PullRequest(_Strict):
     )
     fps: float | None = Field(default=None, gt=0, le=30, description="default: the server's")
     prune_threshold: float | None = Field(default=None, ge=0, le=255)
+    window: float | None = Field(
+        default=None,
+        gt=0,
+        le=86400,
+        description="media seconds of video the model holds (older frames slide out); "
+        "default: the server's --window",
+    )
     realtime: bool = Field(default=True, description="files only: play at the media rate")
     loop: bool = Field(default=False, description="files only: start over at the end")
 

@@ -112,6 +112,9 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         from livelens.stream.cli import UsageError
 
         raise UsageError(str(exc)) from None
+    window = None
+    if args.window != "auto":
+        window = number("--window", args.window, zero_ok=False)
     try:
         KVBudget.parse(args.kv_budget)
     except ValueError as exc:
@@ -130,6 +133,7 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         tokens_per_frame=tokens_per_frame,
         max_pending_frames=args.max_pending_frames,
         kv_budget=args.kv_budget,
+        window_s=window,
         max_sessions=args.max_sessions,
         thumbnails=args.thumbnails,
         status_interval_s=interval,

@@ -64,6 +64,9 @@ class ServiceConfig:
     """Merged visual tokens per frame before pruning; at least MIN_TOKENS_PER_FRAME (16)."""
     max_pending_frames: int = 8
     """Sampled frames a session may have waiting for the model before the oldest is dropped."""
+    window_s: float | None = None
+    """Media seconds of video each session's model holds (older frames slide out); None: derived
+    per session from the context and the KV pool (`Engine.default_window`)."""
     kv_budget: str = DEFAULT_KV_BUDGET
     """KV cache pool: bytes (`8GiB`) or a fraction of the device memory free after loading the
     model (`0.8`). A session is admitted only if the pool can hold its minimum."""
@@ -172,7 +175,9 @@ class LiveService:
         self._engine = Engine(
             self.runner,
             EngineConfig(
-                kv_budget=self.config.kv_budget, max_pending_frames=self.config.max_pending_frames
+                kv_budget=self.config.kv_budget,
+                max_pending_frames=self.config.max_pending_frames,
+                sessions=self.config.max_sessions,
             ),
         )
         self._engine.start()
@@ -232,6 +237,7 @@ class LiveService:
         *,
         fps: float | None = None,
         prune_threshold: float | None = None,
+        window_s: float | None = None,
         session_id: str | None = None,
     ) -> LiveSession:
         """Create a live session (on the loop); its source then pushes frames into it.
@@ -263,6 +269,7 @@ class LiveService:
                 self.config.prune_threshold if prune_threshold is None else prune_threshold
             ),
             tokens_per_frame=self.config.tokens_per_frame,
+            window_s=window_s or self.config.window_s,
             thumbnails=self.config.thumbnails,
             max_questions=limits.max_questions_per_session,
             max_questions_per_watcher=limits.max_questions_per_connection,
@@ -371,6 +378,7 @@ class LiveService:
                 source.name,
                 fps=request.fps,
                 prune_threshold=request.prune_threshold,
+                window_s=request.window,
                 session_id=session_id,
             )
         except BaseException:  # refused, or the request was cancelled: no session, no source
@@ -599,6 +607,8 @@ STATS_KEYS = (
     "live_edge",
     "stream_position",
     "lag",
+    "window_start",
+    "window_end",
 )
 """The status fields a session's registry record keeps (plus its gaps)."""
 

@@ -115,3 +115,41 @@ def test_engine_pool_comes_from_the_budget(runner) -> None:
     layout = runner.kv_layout(16)
     engine = Engine(runner, EngineConfig(kv_budget=str(100 * layout.bytes_per_block)))
     assert engine.pool_usage() == (0, 100)
+
+
+def test_a_window_keeps_a_session_taking_frames_past_its_share(runner, tmp_path, redis_server):
+    """The same budget and stream that make a session `full`, with a 10 s window: the window
+    slides, the session takes every frame to the end, and REST shows what the model holds."""
+    clip = make_video(tmp_path / "long.mp4", frames=400, fps=4, pattern="moving_square")
+    config = fast_config(
+        redis_server.url,
+        media_root=tmp_path,
+        kv_budget=_budget(runner, spare_blocks=4),
+        max_pending_frames=256,
+    )
+    with running_app(runner, config) as (client, service):
+        response = client.post(
+            "/v1/sessions",
+            json={
+                "source": str(clip.path),
+                "realtime": False,
+                "prune_threshold": 0,
+                "window": 10,
+            },
+        )
+        assert response.status_code == 201, response.text
+        sid = response.json()["id"]
+        record = wait_for(
+            lambda: (r := client.get(f"/v1/sessions/{sid}").json())["state"] == "ended" and r,
+            timeout=120,
+        )
+        stats = record["stats"]
+        assert stats["frames_dropped"] == 0 and stats["frames_sampled"] == 200
+        assert stats["window_end"] == 99.5
+        assert 99.5 - 10 <= stats["window_start"] < 99.5 - 4  # slides of half the window
+        assert service.engine.stats(sid).slides >= 15
+        with client.websocket_connect(f"/v1/sessions/{sid}/ws") as ws:
+            status = ws.receive_json()
+            assert status["window_start"] == stats["window_start"]
+            answer, _ = ask(ws, "q", max_new_tokens=3)
+            assert answer["stream_position"] == 99.5
