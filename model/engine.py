@@ -778,10 +778,14 @@ class Engine:
         near_full = tokens > 0.9 * self.scheduler.config.max_video_tokens
         if span < window.seconds and not near_full:
             return
-        # The window starts at an anchor; it slides to the next one.
-        start = next((i for i, h in enumerate(window.held) if i and h.full is not None), None)
-        if start is None:
+        # The window starts at an anchor; it slides to the first later anchor that leaves at
+        # most (1 - slide_fraction) of it (several steps' frames may have come at once).
+        anchors = [i for i, h in enumerate(window.held) if i and h.full is not None]
+        if not anchors:
             return
+        keep = window.seconds - window.slide_seconds
+        newest = session.times[-1]
+        start = next((i for i in anchors if newest - session.times[i] <= keep), anchors[-1])
         self._start_slide(session, start)
 
     def _start_slide(self, session: _Session, start: int) -> None:

@@ -236,6 +236,7 @@ class SessionView:
     frames_dropped: int
     tokens: int
     blocks: int
+    """The video's blocks, and a rebuilt window's while a slide runs."""
     stream_position: float | None
     sliding: bool = False
     """A rebuilt window is being prefilled (`slide`)."""
@@ -476,7 +477,9 @@ class Scheduler:
             frames_prefilled=session.scheduled,
             frames_dropped=session.dropped,
             tokens=self.kv.tokens(key),
-            blocks=len(self.kv.blocks(key)),
+            # A slide holds the rebuilt window beside the video until it replaces it.
+            blocks=len(self.kv.blocks(key))
+            + (len(self.kv.blocks(_rebuild_key(session_id))) if session.rebuild is not None else 0),
             stream_position=session.last_time,
             sliding=session.rebuild is not None,
         )

@@ -164,6 +164,8 @@ class LiveSession:
         self.thumbnails = ThumbnailRing(settings.thumbnails)
         self.gaps: list[tuple[float, float]] = []
         """Media-time spans (s) the source was down; times continue across them."""
+        self.final_stats = False
+        """An ended session's record has the stats of everything its model took in."""
         self.history_writes: set[asyncio.Task[object]] = set()
         """History entries being written (awaited when the server drains)."""
 

@@ -529,8 +529,12 @@ class LiveService:
             kv += status["kv_bytes"]
             for watcher in list(session.watchers):
                 watcher.send(status)
-            if session.state < State.ENDED:
+            if session.state < State.ENDED or not session.final_stats:
+                # An ended session's model may still be prefilling its last frames: its record
+                # follows until the engine has none left.
                 await self.registry.update(session.id, stats=_stats(session, status))
+                if session.state >= State.ENDED and not self.engine.pending(session.id):
+                    session.final_stats = True
             elif (
                 session.ended_at is not None
                 and now - session.ended_at > self.config.limits.ended_retention_s
