@@ -515,7 +515,10 @@ class Engine:
     def _has_work(self) -> bool:
         if self._inbox or self.scheduler.num_waiting or self.scheduler.num_running:
             return True
-        return any(s.frames or s.inbox for s in self._sessions.values())
+        return any(
+            s.frames or s.inbox or (s.window is not None and s.window.rebuild is not None)
+            for s in self._sessions.values()
+        )
 
     def step(self) -> bool:
         """One step: intake, schedule, execute, sample, update. False if nothing ran."""
@@ -778,14 +781,16 @@ class Engine:
         near_full = tokens > 0.9 * self.scheduler.config.max_video_tokens
         if span < window.seconds and not near_full:
             return
-        # The window starts at an anchor; it slides to the first later anchor that leaves at
-        # most (1 - slide_fraction) of it (several steps' frames may have come at once).
+        # The window starts at an anchor; it slides to the next one, or further when frames
+        # came faster than slides (many in one step): to the first that brings it under its
+        # seconds again.
         anchors = [i for i, h in enumerate(window.held) if i and h.full is not None]
         if not anchors:
             return
-        keep = window.seconds - window.slide_seconds
         newest = session.times[-1]
-        start = next((i for i in anchors if newest - session.times[i] <= keep), anchors[-1])
+        start = next(
+            (i for i in anchors if newest - session.times[i] < window.seconds), anchors[-1]
+        )
         self._start_slide(session, start)
 
     def _start_slide(self, session: _Session, start: int) -> None:
