@@ -11,6 +11,7 @@ docs/screenshots/console.png (the README's picture).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -157,6 +158,9 @@ def test_publish_ask_timeline_thumbnails_history(server, browser, redis_server, 
     )
     expect(page.locator("#stat-state")).to_have_text("live")
     assert int(page.locator("#stat-frames-in-model").inner_text().replace(",", "")) >= 5
+    # What the model holds: its window, on the stats and as the timeline's model bar.
+    expect(page.locator("#stat-window")).to_have_text(re.compile(r"^0\.0 s – \d+\.\d s$"))
+    assert page.locator("#lane-model").get_attribute("data-window-start") == "0"
     assert page.locator("#stat-kept-ratio").inner_text().endswith("%")
     expect(page.locator("#publish-status")).to_have_attribute("data-state", "live")
     _screenshot(page, tmp_path, "1-published")

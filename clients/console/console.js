@@ -490,6 +490,10 @@ function renderStats() {
     el("small", { text: ` ${num(s.kv_tokens)} tok` }),
   );
   set("stat-live-edge", seconds(s.live_edge));
+  set(
+    "stat-window",
+    s.window_start == null ? "–" : `${seconds(s.window_start)} – ${seconds(s.window_end)}`,
+  );
   set("stat-lag", seconds(s.lag, 2));
   const stats = $("stats");
   stats.dataset.framesInModel = String(s.frames_in_model ?? 0);
@@ -675,8 +679,13 @@ function renderTimeline() {
   const model = $("lane-model");
   latestLane.replaceChildren(model);
   earlierLane.replaceChildren();
+  // What the model holds now: its window, from window_start to its newest frame.
   const position = state.status ? state.status.stream_position || 0 : 0;
-  model.style.width = pct(position);
+  const windowStart = state.status && state.status.window_start != null ? state.status.window_start : 0;
+  model.style.left = pct(windowStart);
+  model.style.width = `calc(${pct(position)} - ${pct(windowStart)})`;
+  model.dataset.windowStart = String(windowStart);
+  model.title = `The model holds ${windowStart.toFixed(1)}–${position.toFixed(1)} s`;
   const latest = state.answers.length ? state.answers[state.answers.length - 1] : null;
   for (const answer of state.answers) {
     const isLatest = answer === latest;
@@ -696,7 +705,9 @@ function renderTimeline() {
   }
   const edge = state.status && state.status.live_edge != null ? state.status.live_edge : null;
   $("timeline-range").textContent =
-    edge === null ? "media seconds" : `0 – ${edge.toFixed(1)} s (live edge), model at ${position.toFixed(1)} s`;
+    edge === null
+      ? "media seconds"
+      : `0 – ${edge.toFixed(1)} s (live edge); the model holds ${windowStart.toFixed(1)}–${position.toFixed(1)} s`;
 }
 
 function niceStep(raw) {
