@@ -24,11 +24,13 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from livelens.stream.lifecycle import FINAL_STATES
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-ENDED_STATES = ("ended", "failed")
+ENDED_STATES = tuple(sorted(FINAL_STATES))  # ("ended", "failed")
 """Session states after which no more frames arrive."""
 
 # Close codes of the question websocket (stream/app.py), as the HTTP statuses they mirror.
@@ -211,6 +213,8 @@ class Status:
     """starting, live, stalled (live, but no frames lately), full (live, but the model takes no
     more frames: its context or the KV pool is full), ended or failed."""
     reason: str | None
+    end_code: str | None
+    """Why the session is over, for programs (an EndCode value); None while it goes on."""
     frames_received: int
     frames_sampled: int
     frames_dropped: int
@@ -272,6 +276,8 @@ class SessionInfo:
     updated: str | None
     reason: str | None
     stats: SessionStats
+    end_code: str | None = None
+    """Why the session is over, for programs (an EndCode value); None while it goes on."""
     status: Status | None = None
     """The live status, when the node answering holds the session."""
 

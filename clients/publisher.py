@@ -43,6 +43,7 @@ from livelens.clients.client import (
     session_path,
     websocket_url,
 )
+from livelens.stream.lifecycle import DELIBERATE_ENDS
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,6 @@ _FATAL_STATUSES = frozenset({400, 401, 403, 406, 413, 415, 422})
 # Reasons the server records (stream/whip.py, stream/service.py) when someone ended the session
 # on purpose: a WHIP DELETE, or `DELETE /v1/sessions/{id}`. Such a session is not published
 # again; every other end (server shutting down, ICE/DTLS failure) is.
-_DELIBERATE_ENDS = frozenset({"publisher sent DELETE", "deleted through the API"})
 
 
 class SourceUnavailable(LiveLensError):
@@ -491,7 +491,7 @@ class Publisher:
         record = response.json()
         if record.get("state") not in ENDED_STATES:
             return None
-        if record.get("reason") in _DELIBERATE_ENDS:
+        if record.get("end_code") in DELIBERATE_ENDS:
             logger.warning("session %s was deleted on the server; stopping", self.session_id)
             return ""
         return f"the server ended the session ({record.get('reason')})"

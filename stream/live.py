@@ -23,6 +23,7 @@ import numpy as np
 from livelens.model.engine import Answer, AppendResult, Engine, FrameCallbacks, QuestionJob
 from livelens.model.sampling import SamplingParams
 from livelens.stream.grid import Grid, choose_grid, resize_to_grid
+from livelens.stream.lifecycle import EndCode
 from livelens.stream.protocol import (
     AnswerMessage,
     AskMessage,
@@ -144,6 +145,8 @@ class LiveSession:
         self._sampled = metrics.frames_sampled.labels(kind) if metrics else None
         self.state = State.STARTING
         self.reason: str | None = None
+        self.end_code: EndCode | None = None
+        """Why the session is over, as a code (stream/lifecycle.py); None while it goes on."""
         self.ended_at: float | None = None
         self.watchers: set[Watcher] = set()
         self.sampler = FpsSampler(settings.fps)
@@ -224,7 +227,10 @@ class LiveSession:
             )
         except (ValueError, KeyError) as exc:
             self.loop.call_soon_threadsafe(
-                self.finish, f"unsupported frame size {width}x{height}: {exc}", True
+                self.finish,
+                f"unsupported frame size {width}x{height}: {exc}",
+                True,
+                EndCode.UNSUPPORTED_VIDEO,
             )
             return
         self.model_started = True
@@ -249,13 +255,18 @@ class LiveSession:
         logger.warning("session %s takes no more frames: %s", self.id, exc)
         self.loop.call_soon_threadsafe(self._set_state, State.FULL, str(exc))
 
-    def finish(self, reason: str, failed: bool = False) -> None:
-        """The source ended (or failed). Idempotent; callable from any thread."""
+    def finish(self, reason: str, failed: bool = False, code: EndCode | None = None) -> None:
+        """The source ended (or failed). Idempotent; callable from any thread.
+
+        code: why, for programs (the record's `end_code`); default source_failed /
+        source_ended.
+        """
         with self._lock:
             if self.state >= State.ENDED:
                 return
             self.state = State.FAILED if failed else State.ENDED
             self.reason = reason
+            self.end_code = code or (EndCode.SOURCE_FAILED if failed else EndCode.SOURCE_ENDED)
             self.ended_at = time.time()
         logger.info("session %s %s: %s", self.id, self.state.label, reason)
         self.loop.call_soon_threadsafe(self._announce_state)
@@ -501,6 +512,7 @@ class LiveSession:
                 session_id=self.id,
                 state=self.state.label,
                 reason=self.reason or self.model_closed_reason,
+                end_code=self.end_code,
                 frames_received=self.frames_received,
                 frames_sampled=self.frames_sampled,
                 frames_dropped=self.engine.dropped(self.id),

@@ -196,6 +196,9 @@ class StatusMessage(BaseModel):
     session_id: str
     state: str
     reason: str | None = None
+    end_code: str | None = Field(
+        default=None, description="why the session is over, for programs (EndCode); null while live"
+    )
     frames_received: int
     frames_sampled: int
     frames_dropped: int = Field(description="sampled frames dropped because the model lagged")

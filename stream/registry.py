@@ -41,16 +41,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from livelens.stream.lifecycle import FINAL_STATES, LIVE_STATES
 from livelens.stream.redact import mask_url
 
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "livelens"
 INDEX_KEY = f"{KEY_PREFIX}:sessions"
-LIVE_STATES = frozenset({"starting", "live", "stalled", "full"})
-"""States a node heartbeats; the hash expires ttl_s after the node stops."""
-FINAL_STATES = frozenset({"ended", "failed"})
-"""Terminal states: kept for retention_s, never left again."""
+# LIVE_STATES: the states a node heartbeats (the hash expires ttl_s after the node stops);
+# FINAL_STATES: kept for retention_s, never left again.
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Every failure talking to Redis means "disconnected: buffer and retry". RedisError covers
@@ -129,6 +128,8 @@ class SessionRecord:
     """ISO-8601 UTC."""
     reason: str | None = None
     """Why a session ended or failed, for people."""
+    end_code: str | None = None
+    """Why, for programs: an `EndCode` value (stream/lifecycle.py), once the session is over."""
     stats: dict[str, Any] = field(default_factory=dict)
     """JSON-able counters the node reports (frames, tokens, ...)."""
     updated: str | None = None
@@ -148,6 +149,7 @@ class SessionRecord:
             "created": self.created,
             "updated": self.updated or self.created,
             "reason": self.reason or "",
+            "end_code": self.end_code or "",
             "stats": json.dumps(self.stats, separators=(",", ":"), allow_nan=False),
         }
 
@@ -162,6 +164,7 @@ class SessionRecord:
             state=fields.get("state", ""),
             created=fields.get("created", ""),
             reason=fields.get("reason") or None,
+            end_code=fields.get("end_code") or None,
             stats=json.loads(fields.get("stats") or "{}"),
             updated=fields.get("updated") or None,
         )
@@ -331,6 +334,7 @@ class Registry:
         *,
         state: str | None = None,
         reason: str | None = None,
+        end_code: str | None = None,
         stats: dict[str, Any] | None = None,
     ) -> None:
         """Change a session this node holds; None leaves a field as it is, stats are replaced."""
@@ -351,6 +355,8 @@ class Registry:
                 record.state = state
             if reason is not None:
                 record.reason = reason
+            if end_code is not None:
+                record.end_code = end_code
             if stats is not None:
                 record.stats = json.loads(json.dumps(stats))
             record.updated = utc_now()

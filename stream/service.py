@@ -24,6 +24,7 @@ from livelens.model.runner import ModelRunner
 from livelens.model.scheduler import Refusal, Refused
 from livelens.stream.errors import SourceError
 from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, MIN_TOKENS_PER_FRAME
+from livelens.stream.lifecycle import EndCode
 from livelens.stream.limits import LimitsConfig
 from livelens.stream.live import LiveSession, SessionSettings, State, iso
 from livelens.stream.metrics import Metrics
@@ -220,7 +221,7 @@ class LiveService:
         # may have forgotten them since): only the ones ending now are written here.
         ending = [s for s in self.sessions.values() if s.state < State.ENDED]
         for session in ending:
-            session.finish("server shutting down")
+            session.finish("server shutting down", code=EndCode.SERVER_SHUTDOWN)
         await asyncio.sleep(0)  # let the state announcements run
         for session in ending:
             await self._sync_record(session)
@@ -439,7 +440,7 @@ class LiveService:
             return False
         # Finished first, so the record says why, not what stopping the source reports.
         reason = "deleted through the API"
-        session.finish(reason)
+        session.finish(reason, code=EndCode.DELETED)
         await self._stop_source(session, reason)
         session.release_model()
         await asyncio.sleep(0)
@@ -486,6 +487,7 @@ class LiveService:
             state=session.state.label,
             created=iso(session.created),
             reason=session.reason,
+            end_code=session.end_code,
             stats=_stats(session),
             updated=iso(time.time()),
         )
@@ -498,7 +500,11 @@ class LiveService:
     async def _sync_record(self, session: LiveSession) -> None:
         assert self.registry is not None
         await self.registry.update(
-            session.id, state=session.state.label, reason=session.reason, stats=_stats(session)
+            session.id,
+            state=session.state.label,
+            reason=session.reason,
+            end_code=session.end_code,
+            stats=_stats(session),
         )
 
     def _spawn(self, coro: Any) -> None:

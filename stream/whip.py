@@ -37,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from livelens.stream.auth import AuthError, KeyRing, Scope, bearer
+from livelens.stream.lifecycle import EndCode
 from livelens.stream.protocol import error_responses
 from livelens.stream.sdp_checks import (
     DIRECTIONS,
@@ -95,7 +96,7 @@ class FrameSink(Protocol):
         """Take one decoded frame; thread-safe, cheap, never blocks. Called for every frame."""
         ...
 
-    def finish(self, reason: str, *, failed: bool = False) -> None:
+    def finish(self, reason: str, failed: bool = False, code: EndCode | None = None) -> None:
         """The publisher is gone or the session ended; idempotent."""
         ...
 
@@ -676,7 +677,7 @@ class WhipIngest:
             code = getattr(exc, "code", "unavailable")
             raise WhipError(503, code, f"cannot start a live session: {exc}") from None
         if sink.session_id in self._peers:
-            sink.finish("duplicate session id", failed=True)
+            sink.finish("duplicate session id", failed=True, code=EndCode.DUPLICATE_SESSION)
             raise WhipError(500, "internal", f"session id {sink.session_id} is already in use")
         local_codec = _aiortc_codec("video", offer.codec)
         assert local_codec is not None  # validate_offer chose a codec aiortc has
@@ -746,7 +747,9 @@ class WhipIngest:
 
     async def delete(self, session_id: str) -> None:
         """The publisher ended the publication (HTTP DELETE)."""
-        await self._end(self._peer(session_id), REASON_DELETE, failed=False)
+        await self._end(
+            self._peer(session_id), REASON_DELETE, failed=False, code=EndCode.PUBLISHER_DELETED
+        )
 
     async def end(self, session_id: str, reason: str) -> None:
         """The server ended the publication's session (it failed, or was deleted): close the
@@ -758,7 +761,10 @@ class WhipIngest:
     async def close_all(self) -> None:
         """End every publication (server shutdown), within CLOSE_TIMEOUT_S: a shutdown never
         waits without bound on a peer connection that does not close."""
-        ends = [self._end(p, REASON_SHUTDOWN) for p in list(self._peers.values())]
+        ends = [
+            self._end(p, REASON_SHUTDOWN, code=EndCode.SERVER_SHUTDOWN)
+            for p in list(self._peers.values())
+        ]
         # Ends already under way (a publisher that left just before) finish closing too.
         pending = [*(asyncio.ensure_future(e) for e in ends), *self._background]
         if not pending:
@@ -871,7 +877,14 @@ class WhipIngest:
             getattr(s, "packetsReceived", 0) for s in report.values() if s.type == "transport"
         )
 
-    async def _end(self, peer: _Peer, reason: str, *, failed: bool = False) -> None:
+    async def _end(
+        self,
+        peer: _Peer,
+        reason: str,
+        *,
+        failed: bool = False,
+        code: EndCode = EndCode.PUBLISHER_GONE,
+    ) -> None:
         """Finish the sink once, stop the tasks and close the peer connection."""
         if peer.ended:
             return
@@ -885,7 +898,7 @@ class WhipIngest:
         log = logger.warning if failed else logger.info
         log("WHIP session %s ended: %s", peer.session_id, reason)
         try:
-            peer.sink.finish(reason, failed=failed)
+            peer.sink.finish(reason, failed=failed, code=code)
         except Exception:
             logger.exception("WHIP session %s: sink.finish failed", peer.session_id)
         await close_peer_connection(peer.pc)

@@ -131,6 +131,7 @@ def test_file_end_stops_publishing_and_close_deletes(tiny_model, second) -> None
             async with LiveLensClient(url, token=TOKEN) as client:
                 record = await client.session(sid)
             assert (record.state, record.reason) == ("ended", "publisher sent DELETE")
+            assert record.end_code == "publisher_deleted"
             return record.stats.frames_received
 
         frames = asyncio.run(scenario())
@@ -193,6 +194,7 @@ def test_session_deleted_through_the_api_is_not_republished(tiny_model, second) 
             ):
                 deleted = await client.delete(pub.session_id)  # type: ignore[arg-type]
                 assert (deleted.state, deleted.reason) == ("ended", "deleted through the API")
+                assert deleted.end_code == "deleted"  # what the publisher decides by
                 await asyncio.wait_for(pub.wait(), timeout=10)
                 assert pub.reconnects == 0 and len(await client.sessions()) == 1
 

@@ -101,6 +101,7 @@ def test_register_get_list_round_trip(redis_server: RedisServer, plain: redis.Re
                 "state": "live",
                 "created": CREATED,
                 "reason": "",
+                "end_code": "",
                 "stats": '{"frames":3}',
             }
             assert plain.zrange("livelens:sessions", 0, -1, withscores=True) == [
