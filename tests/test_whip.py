@@ -39,6 +39,7 @@ from fastapi.testclient import TestClient
 from videos import index_pattern, read_index
 from y4m import write_y4m
 
+from livelens.stream.lifecycle import EndCode
 from livelens.stream.sources.file import DecodedFrame
 from livelens.stream.whip import (
     REASON_CLOSED,
@@ -87,6 +88,7 @@ class RecordingSink:
         self.source = source
         self.received: list[Received] = []
         self.finishes: list[tuple[str, bool]] = []
+        self.codes: list[EndCode | None] = []
         self._lock = threading.Lock()
         self.finished = threading.Event()
 
@@ -96,9 +98,10 @@ class RecordingSink:
         with self._lock:
             self.received.append(item)
 
-    def finish(self, reason: str, *, failed: bool = False) -> None:
+    def finish(self, reason: str, failed: bool = False, code: EndCode | None = None) -> None:
         with self._lock:
             self.finishes.append((reason, failed))
+            self.codes.append(code)
         self.finished.set()
 
     def frames(self) -> list[Received]:
@@ -728,6 +731,7 @@ async def publish_and_delete(server: Server, codec: str, min_frames: int) -> lis
             r = await http.delete(f"{server.url}{r.headers['location']}", headers=AUTH)
             assert r.status_code == 200
             assert sink.finishes == [(REASON_DELETE, False)]
+            assert sink.codes == [EndCode.PUBLISHER_DELETED]
             assert server.ingest.info(session_id) is None
             # The server closed its peer connection: its DTLS close reaches us.
             await async_wait_until(lambda: pc.connectionState == "closed", 10, "client closed")
@@ -838,6 +842,7 @@ def test_rsa_certificate_publisher(server: Server) -> None:
         sink = asyncio.run(scenario(f"{url}/whip", sessions))
     assert sink.frames() == []
     assert sink.finishes == [(REASON_FAILED, True)]
+    assert sink.codes == [EndCode.PUBLISHER_GONE]
 
 
 def test_loopback_candidate_only_when_allowed() -> None:
