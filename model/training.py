@@ -7,20 +7,27 @@ live path's own front end: frames sampled by media time with `FpsSampler`, an H.
 the swscale resize to the session grid, `DiffFramePruner` (the DiffFP kernel's CPU path), and the
 token sequence `VideoSession` builds (same text pieces, tokenized the same way).
 
-Recipe (docs/benchmarks.md has the learning curve):
+Recipe (docs/benchmarks.md has the learning curve and the experiments behind each choice):
+- footage pools: each stage renders and encodes its clips once (two processes) and draws from
+  them for every step, with fresh questions on each use (Footage, make_pool);
 - several questions per clip share one forward of the clip: each question block attends to the
   clip and to itself only (a 4-D mask), so a clip's video tokens are paid for once;
-- a curriculum: short clips asked about single moments, then intervals, then clips up to a minute,
-  sampled at 0.5, 1 and 2 fps so the model reads the time labels instead of counting frames;
+- a curriculum: single frames (what is there now, is X there now), then short clips asked about
+  single moments, then intervals, then clips up to 48 s, sampled at 0.5, 1 and 2 fps so the model
+  reads the time labels instead of counting frames;
+- balanced yes/no questions (Yes half the time), so the "No" prior earns nothing and the loss
+  only falls by reading the frames;
 - per-moment targets ("What is in the scene at 12.0s?", "Is there a red ball at 12.0s?") beside
   the grounding answers, so each frame's label and content are supervised directly;
 - auxiliary losses that are not part of the saved model: visual tokens aligned with the words that
   name their object (WordProbe), and per-frame deep supervision in the LLM (FrameProbe);
-- unit-scale input embeddings and visual features at initialisation (_widen_inputs).
-Deterministic from --seed on a given machine (fixed step counts, seeded data).
+- a narrow LLM (width 128, 4 heads of 64) with Qwen2.5's rope theta (1e6), unit-scale input
+  embeddings and visual features at initialisation (_widen_inputs).
+Deterministic from --seed on a given machine (fixed step counts, seeded data and pools).
 
-Status: within the 60-minute CPU budget the model learns the answer formats and priors but not
-to read the frames, so no checkpoint is committed yet (docs/benchmarks.md, issue 9).
+Status: the model reads single frames and short clips (held-out yes/no well above the "No"
+prior) and starts to ground; it does not reach the issue's grounding targets within the
+60-minute CPU budget, so no checkpoint is committed yet (docs/benchmarks.md, issue 9).
 """
 
 from __future__ import annotations
@@ -486,63 +493,6 @@ def clip_loss(
         middle = out.hidden_states[frame_probe.layer][0, packed.frame_last]
         aux = aux + frame_probe(middle, clip.times, clip.present)
     return loss if aux is None else (loss, aux)
-
-
-def batch_loss(
-    model,
-    batch: Sequence[tuple[Packed, Clip]],
-    video_token_id: int,
-    token_head: WordProbe | None = None,
-    frame_probe: FrameProbe | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`clip_loss` for several clips in one forward: one vision call over every clip's frames and
-    one padded LLM batch (each row keeps its own block mask; padding attends only to itself).
-
-    Returns the mean answer loss over every answer token of the batch and the auxiliary loss
-    (zero without probes). On a CPU this is several times faster per clip than one call per clip,
-    most of whose time is per-operation overhead at these sizes.
-    """
-    grids = torch.tensor(
-        [[len(c.times), c.grid.patches_h, c.grid.patches_w] for _, c in batch], dtype=torch.long
-    )
-    feats = model.model.get_video_features(
-        pixel_values_videos=torch.cat([p.patches for p, _ in batch]),
-        video_grid_thw=grids,
-        video_merge_sizes=torch.full((len(batch),), 2),
-        return_dict=True,
-    ).pooler_output
-    aux = feats[0].new_zeros(())
-    if token_head is not None:
-        labels = torch.cat([torch.from_numpy(c.labels).reshape(-1) for _, c in batch])
-        aux = aux + token_head(torch.cat(feats), labels)
-    length = max(len(p.ids) for p, _ in batch)
-    embed = model.get_input_embeddings()
-    rows, masks, positions, targets = [], [], [], []
-    for (p, _), f in zip(batch, feats, strict=True):
-        n = len(p.ids)
-        e = embed(p.ids).masked_scatter((p.ids == video_token_id)[:, None], f[p.kept.reshape(-1)])
-        rows.append(F.pad(e, (0, 0, 0, length - n)))
-        mask = torch.eye(length, dtype=torch.bool)
-        mask[:n, :n] = p.mask[0, 0]
-        masks.append(mask)
-        positions.append(F.pad(p.positions, (0, length - n)))
-        targets.append(F.pad(p.targets, (0, length - n), value=-100))
-    out = model.model.language_model(
-        inputs_embeds=torch.stack(rows),
-        attention_mask=torch.stack(masks)[:, None],
-        position_ids=torch.stack(positions),
-        use_cache=False,
-        output_hidden_states=frame_probe is not None,
-    )
-    target = torch.stack(targets)
-    where = target != -100
-    logits = model.lm_head(out.last_hidden_state[where])
-    loss = F.cross_entropy(logits.float(), target[where])
-    if frame_probe is not None:
-        middle = out.hidden_states[frame_probe.layer]
-        for i, (p, c) in enumerate(batch):
-            aux = aux + frame_probe(middle[i, p.frame_last], c.times, c.present) / len(batch)
-    return loss, aux
 
 
 # ---------------------------------------------------------------------------------- model
