@@ -120,8 +120,8 @@ class TrainConfig:
         default_factory=lambda: (
             Stage("frames", 900, 0.0, 0.0, (1.0,), _FRAMES, 8, clips=2000, balanced=True),
             Stage("moments", 500, 2.0, 8.0, (1.0, 2.0), _MOMENTS, 12, 8, 600, balanced=True),
-            Stage("short", 1000, 4.0, 16.0, (1.0, 2.0), _MIX, 12, 16, 600, balanced=True),
-            Stage("long", 1000, 8.0, 48.0, (0.5, 1.0, 2.0), _MIX, 12, 48, 400, balanced=True),
+            Stage("short", 500, 4.0, 16.0, (1.0, 2.0), _MIX, 12, 16, 400, balanced=True),
+            Stage("long", 400, 8.0, 48.0, (0.5, 1.0, 2.0), _MIX, 12, 48, 200, balanced=True),
         )
     )
     token_loss: float = 0.5
