@@ -583,7 +583,7 @@ def _draw(pool: Sequence[Footage], stage: Stage, seed: int) -> Iterator[Clip]:
 
 
 def train(out: Path, config: TrainConfig, *, log_every: int = 25, eval_scenes: int = 8) -> dict:
-    """Train and save the checkpoint to `out`; returns the learning curve and timings."""
+    """Train, saving the checkpoint to `out` after every stage; returns the curve and timings."""
     torch.manual_seed(config.seed)
     tokenizer, model = build_model(config)
     prompt = PromptFormat.from_tokenizer(tokenizer, model.config.video_token_id)
@@ -669,8 +669,11 @@ def train(out: Path, config: TrainConfig, *, log_every: int = 25, eval_scenes: i
             point["eval_minutes"] = round((time.monotonic() - t0) / 60, 2)
             curve.append(point)
             logger.info("%s", point)
+        # After every stage, so that a run stopped early leaves its last finished stage.
+        model.eval()
+        save(out, tokenizer, model, config)
+        model.train()
     model.eval()
-    save(out, tokenizer, model, config)
     return {
         "parameters": n_params,
         "minutes": round((time.monotonic() - started) / 60, 2),
