@@ -25,9 +25,9 @@ Recipe (docs/benchmarks.md has the learning curve and the experiments behind eac
   embeddings and visual features at initialisation (_widen_inputs).
 Deterministic from --seed on a given machine (fixed step counts, seeded data and pools).
 
-Status: the model reads single frames and short clips (held-out yes/no well above the "No"
-prior) and starts to ground; it does not reach the issue's grounding targets within the
-60-minute CPU budget, so no checkpoint is committed yet (docs/benchmarks.md, issue 9).
+Status: the model learns to read single frames and short clips (held-out yes/no well above the
+"No" prior) but not to ground: its WHEN answers on minute-long scenes score below answering "the
+whole video", so no checkpoint is committed yet (docs/benchmarks.md, issue 9).
 """
 
 from __future__ import annotations
