@@ -7,20 +7,27 @@ live path's own front end: frames sampled by media time with `FpsSampler`, an H.
 the swscale resize to the session grid, `DiffFramePruner` (the DiffFP kernel's CPU path), and the
 token sequence `VideoSession` builds (same text pieces, tokenized the same way).
 
-Recipe (docs/benchmarks.md has the learning curve):
+Recipe (docs/benchmarks.md has the learning curve and the experiments behind each choice):
+- footage pools: each stage renders and encodes its clips once (two processes) and draws from
+  them for every step, with fresh questions on each use (Footage, make_pool);
 - several questions per clip share one forward of the clip: each question block attends to the
   clip and to itself only (a 4-D mask), so a clip's video tokens are paid for once;
-- a curriculum: short clips asked about single moments, then intervals, then clips up to a minute,
-  sampled at 0.5, 1 and 2 fps so the model reads the time labels instead of counting frames;
+- a curriculum: single frames (what is there now, is X there now), then short clips asked about
+  single moments, then intervals, then clips up to 48 s, sampled at 0.5, 1 and 2 fps so the model
+  reads the time labels instead of counting frames;
+- balanced yes/no questions (Yes half the time), so the "No" prior earns nothing and the loss
+  only falls by reading the frames;
 - per-moment targets ("What is in the scene at 12.0s?", "Is there a red ball at 12.0s?") beside
   the grounding answers, so each frame's label and content are supervised directly;
 - auxiliary losses that are not part of the saved model: visual tokens aligned with the words that
   name their object (WordProbe), and per-frame deep supervision in the LLM (FrameProbe);
-- unit-scale input embeddings and visual features at initialisation (_widen_inputs).
-Deterministic from --seed on a given machine (fixed step counts, seeded data).
+- a narrow LLM (width 128, 4 heads of 64) with Qwen2.5's rope theta (1e6), unit-scale input
+  embeddings and visual features at initialisation (_widen_inputs).
+Deterministic from --seed on a given machine (fixed step counts, seeded data and pools).
 
-Status: within the 60-minute CPU budget the model learns the answer formats and priors but not
-to read the frames, so no checkpoint is committed yet (docs/benchmarks.md, issue 9).
+Status: the model learns to read single frames and short clips (held-out yes/no well above the
+"No" prior) but not to ground: its WHEN answers on minute-long scenes score below answering "the
+whole video", so no checkpoint is committed yet (docs/benchmarks.md, issue 9).
 """
 
 from __future__ import annotations
@@ -69,7 +76,9 @@ _MIX = (
     Kind.WHEN, Kind.WHEN, Kind.WHEN, Kind.FIRST, Kind.AT, Kind.AT, Kind.NOW, Kind.SCENE,
     Kind.SCENE_AT, Kind.SCENE_AT,
 )  # fmt: skip
-# The first stage: what is where at single moments, before any interval.
+# The first stage: what one frame shows.
+_FRAMES = (Kind.SCENE, Kind.NOW, Kind.AT)
+# Then what is where at single moments of a short clip, before any interval.
 _MOMENTS = (Kind.SCENE, Kind.NOW, Kind.AT, Kind.SCENE_AT)
 # Share of a merged token's cell an object's box must cover to label the token with it.
 _TOKEN_COVER = 0.3
@@ -88,6 +97,11 @@ class Stage:
     questions: int = 6
     """Questions per clip, sharing one forward of the clip."""
     max_frames: int = 64
+    clips: int = 0
+    """Footage made for the stage and reused for all its steps with fresh questions (see
+    make_pool); 0 makes a fresh clip for every example."""
+    balanced: bool = False
+    """Yes/no questions answer "Yes." half of the time (see balanced_questions)."""
 
 
 @dataclass(frozen=True)
@@ -104,18 +118,23 @@ class TrainConfig:
     """DiffFP thresholds drawn per clip: mostly the default, sometimes a pruning one."""
     stages: tuple[Stage, ...] = field(
         default_factory=lambda: (
-            Stage("moments", 300, 2.0, 6.0, (1.0, 2.0), _MOMENTS, questions=12),
-            Stage("short", 500, 3.0, 12.0, (1.0, 2.0), _MIX, questions=12),
-            Stage("long", 900, 8.0, 48.0, (0.5, 1.0, 2.0), _MIX, questions=12, max_frames=48),
+            Stage("frames", 900, 0.0, 0.0, (1.0,), _FRAMES, 8, clips=2000, balanced=True),
+            Stage("moments", 500, 2.0, 8.0, (1.0, 2.0), _MOMENTS, 12, 8, 600, balanced=True),
+            Stage("short", 500, 4.0, 16.0, (1.0, 2.0), _MIX, 12, 16, 400, balanced=True),
+            Stage("long", 400, 8.0, 48.0, (0.5, 1.0, 2.0), _MIX, 12, 48, 200, balanced=True),
         )
     )
     token_loss: float = 0.5
     """Weight of the per-token object loss on the projected visual features (see WordProbe)."""
     vision_hidden: int = 128
     vision_layers: int = 2
-    text_hidden: int = 256
+    text_hidden: int = 128
     text_layers: int = 4
-    text_heads: int = 8
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    workers: int = 2
+    """Processes making a stage's footage pool (the pool does not depend on their number)."""
+    rope_theta: float = 1e6
 
 
 # ----------------------------------------------------------------------------------- data
@@ -155,8 +174,67 @@ def camera_frames(scene: Scene, times: Sequence[float], *, crf: int, offset: flo
     return decoded
 
 
-def make_clip(seed: int, stage: Stage, config: TrainConfig) -> Clip:
-    """One clip of a generated scene with true Q&A pairs, deterministic from `seed`."""
+@dataclass
+class Footage:
+    """A clip without its questions: the sampled frames after the live front end, and the scene's
+    ground truth (no pixels), so each use of the clip can be asked fresh questions.
+
+    Making footage (rendering, the H.264 round trip) costs far more than a training step on it,
+    so a stage makes a pool of footage once and draws from it for every step (see make_pool).
+    """
+
+    frames: np.ndarray
+    times: list[float]
+    offset: float
+    """Scene time of the clip's media time 0."""
+    scene: Scene
+    """The scene without its background picture: ground truth only."""
+    threshold: float
+    grid: Grid
+    labels: np.ndarray
+    present: np.ndarray
+
+    def clip(self, rng: random.Random, stage: Stage) -> Clip:
+        """This footage with `stage.questions` true Q&A pairs drawn by `rng`."""
+        maker = QuestionMaker(self.scene, self.times, offset=self.offset)
+        if stage.balanced:
+            questions = balanced_questions(maker, rng, stage.questions, stage.kinds)
+        else:
+            questions = maker.questions(rng, stage.questions, stage.kinds)
+        return Clip(
+            self.frames,
+            self.times,
+            questions,
+            self.threshold,
+            self.grid,
+            self.labels,
+            self.present,
+        )
+
+
+def balanced_questions(
+    maker: QuestionMaker, rng: random.Random, count: int, kinds: Sequence[Kind]
+) -> list[QA]:
+    """Like `QuestionMaker.questions`, but yes/no questions answer "Yes." half of the time (as
+    far as the clip allows), so the "No." prior earns nothing and only reading the frames pays.
+    """
+    out: dict[str, QA] = {}
+    for _ in range(count * 8):
+        qa = maker.sample(rng, kinds)
+        if qa.kind in (Kind.AT, Kind.NOW):
+            want = "Yes." if rng.random() < 0.5 else "No."
+            for _ in range(8):
+                if qa.answer == want:
+                    break
+                qa = maker.sample(rng, (qa.kind,))
+        out.setdefault(qa.question, qa)
+        if len(out) == count:
+            break
+    return list(out.values())
+
+
+def make_footage(seed: int, stage: Stage, config: TrainConfig) -> Footage:
+    """One clip of a generated scene through the live front end, deterministic from `seed`."""
     rng = random.Random(seed)
     size = rng.choice(TRAIN_SIZES)
     scene = generate_scene(seed, duration=round(rng.uniform(10, 60), 1), size=size)
@@ -176,15 +254,37 @@ def make_clip(seed: int, stage: Stage, config: TrainConfig) -> Clip:
     grid = choose_grid(scene.height, scene.width, tokens_per_frame=config.tokens_per_frame)
     decoded = camera_frames(scene, times, crf=rng.randint(18, 32), offset=offset)
     frames = np.stack([resize_to_grid(f, grid) for f in decoded])
-    maker = QuestionMaker(scene, times, offset=offset)
-    questions = maker.questions(rng, stage.questions, stage.kinds)
     labels = np.stack([token_labels(scene, offset + t, grid) for t in times])
     present = np.zeros((len(times), len(VOCABULARY)), np.float32)
     for i, t in enumerate(times):
         for obj in scene.visible_at(offset + t):
             present[i, VOCABULARY_INDEX[obj.name]] = 1.0
     threshold = rng.choice(config.thresholds)
-    return Clip(frames, times, questions, threshold, grid, labels, present)
+    truth = replace(scene, _background=np.zeros((0, 0, 3), np.uint8), _noise_cache={})
+    return Footage(frames, times, offset, truth, threshold, grid, labels, present)
+
+
+def make_clip(seed: int, stage: Stage, config: TrainConfig) -> Clip:
+    """One clip of a generated scene with true Q&A pairs, deterministic from `seed`."""
+    return make_footage(seed, stage, config).clip(random.Random(-seed - 1), stage)
+
+
+def _footage(args: tuple[int, Stage, TrainConfig]) -> Footage:
+    torch.set_num_threads(1)
+    return make_footage(*args)
+
+
+def make_pool(stage: Stage, config: TrainConfig, first_seed: int, workers: int = 2) -> list:
+    """`stage.clips` footages from seeds first_seed, first_seed + 1, ..., made by `workers`
+    processes (the order, and so the pool, does not depend on them)."""
+    jobs = [(first_seed + k, stage, config) for k in range(stage.clips)]
+    if workers <= 1:
+        return [_footage(job) for job in jobs]
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(_footage, jobs, chunksize=8))
 
 
 def token_labels(scene: Scene, t: float, grid: Grid) -> np.ndarray:
@@ -419,8 +519,9 @@ def build_model(config: TrainConfig):
         intermediate_size=config.text_hidden * 5 // 2,
         num_hidden_layers=config.text_layers,
         num_attention_heads=config.text_heads,
-        num_key_value_heads=2,
+        num_key_value_heads=config.text_kv_heads,
         max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         tie_word_embeddings=False,
@@ -474,8 +575,15 @@ def _clips(stage: Stage, config: TrainConfig, first_seed: int) -> Iterator[Clip]
     yield from loader
 
 
+def _draw(pool: Sequence[Footage], stage: Stage, seed: int) -> Iterator[Clip]:
+    """Clips for `stage` from its pool: random footage, fresh questions, deterministic."""
+    rng = random.Random(seed)
+    while True:
+        yield pool[rng.randrange(len(pool))].clip(rng, stage)
+
+
 def train(out: Path, config: TrainConfig, *, log_every: int = 25, eval_scenes: int = 8) -> dict:
-    """Train and save the checkpoint to `out`; returns the learning curve and timings."""
+    """Train, saving the checkpoint to `out` after every stage; returns the curve and timings."""
     torch.manual_seed(config.seed)
     tokenizer, model = build_model(config)
     prompt = PromptFormat.from_tokenizer(tokenizer, model.config.video_token_id)
@@ -503,7 +611,17 @@ def train(out: Path, config: TrainConfig, *, log_every: int = 25, eval_scenes: i
     model.train()
     for stage_index, stage in enumerate(config.stages):
         seed0 = config.seed * 10_000_000 + stage_index * 1_000_000
-        clips = _clips(stage, config, seed0)
+        if stage.clips:
+            t0 = time.monotonic()
+            pool = make_pool(stage, config, seed0, workers=config.workers)
+            frames = sum(len(f.times) for f in pool)
+            made = round((time.monotonic() - t0) / 60, 2)
+            logger.info(
+                "%s: %d clips, %d frames made in %.2f min", stage.name, len(pool), frames, made
+            )
+            clips = _draw(pool, stage, config.seed * 7919 + stage_index)
+        else:
+            clips = _clips(stage, config, seed0)
         window: list[float] = []
         token_window: list[float] = []
         for _ in range(stage.steps):
@@ -551,8 +669,11 @@ def train(out: Path, config: TrainConfig, *, log_every: int = 25, eval_scenes: i
             point["eval_minutes"] = round((time.monotonic() - t0) / 60, 2)
             curve.append(point)
             logger.info("%s", point)
+        # After every stage, so that a run stopped early leaves its last finished stage.
+        model.eval()
+        save(out, tokenizer, model, config)
+        model.train()
     model.eval()
-    save(out, tokenizer, model, config)
     return {
         "parameters": n_params,
         "minutes": round((time.monotonic() - started) / 60, 2),
@@ -620,21 +741,32 @@ def save(out: Path, tokenizer, model, config: TrainConfig) -> Path:
     return out
 
 
+def _scaled(stage: Stage, scale: float) -> Stage:
+    clips = max(1, round(stage.clips * scale)) if stage.clips else 0
+    return replace(stage, steps=max(1, round(stage.steps * scale)), clips=clips)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--scale", type=float, default=1.0, help="multiply every stage's steps (e.g. 0.01 to smoke)"
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply every stage's steps and pool (e.g. 0.01 to smoke)",
     )
     parser.add_argument("--curve", type=Path, help="write the learning curve (JSON) here")
     parser.add_argument(
         "--eval-scenes", type=int, default=8, help="held-out scenes scored after each stage"
     )
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base = TrainConfig(seed=args.seed)
-    stages = tuple(replace(s, steps=max(1, round(s.steps * args.scale))) for s in base.stages)
+    stages = tuple(_scaled(s, args.scale) for s in base.stages)
     config = replace(base, stages=stages)
     result = train(args.out, config, eval_scenes=args.eval_scenes)
     if args.curve:

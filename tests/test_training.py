@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import replace
 
 import pytest
@@ -10,15 +11,19 @@ import torch
 
 from livelens.model.loading import load_model
 from livelens.model.prompt import PromptFormat
-from livelens.model.qa import Kind
+from livelens.model.qa import Kind, QuestionMaker
 from livelens.model.runner import ModelRunner
+from livelens.model.scenes import generate_scene
 from livelens.model.session import VideoSession
 from livelens.model.training import (
     Stage,
     TrainConfig,
+    balanced_questions,
     build_model,
     clip_loss,
     make_clip,
+    make_footage,
+    make_pool,
     pack,
     train,
 )
@@ -27,9 +32,10 @@ SMALL = TrainConfig(
     seed=3,
     batch=1,
     stages=(
-        Stage("frames", 1, 0.0, 0.0, (1.0,), (Kind.SCENE,), questions=2),
+        Stage("frames", 1, 0.0, 0.0, (1.0,), (Kind.SCENE, Kind.NOW), 2, clips=2, balanced=True),
         Stage("clips", 1, 3.0, 5.0, (2.0,), tuple(Kind), questions=3),
     ),
+    workers=1,
     vision_hidden=32,
     vision_layers=1,
     text_hidden=64,
@@ -181,3 +187,32 @@ def test_loss_targets_are_the_answers(built) -> None:
     for q in clip.questions:
         expected += tokenizer(q.answer, add_special_tokens=False)["input_ids"] + [eos_id]
     assert targets == expected
+
+
+def test_pool_footage_is_deterministic_and_asked_fresh_questions() -> None:
+    stage = replace(SMALL.stages[1], clips=2)
+    first, again = make_pool(stage, SMALL, 40), make_pool(stage, SMALL, 40)
+    assert len(first) == 2
+    for a, b in zip(first, again, strict=True):
+        assert a.times == b.times and a.threshold == b.threshold
+        assert (a.frames == b.frames).all() and (a.labels == b.labels).all()
+    footage = first[0]
+    assert footage.frames.shape[0] == len(footage.times) == footage.present.shape[0]
+    asked = [footage.clip(random.Random(k), stage).questions for k in range(6)]
+    assert len({tuple(q.question for q in qs) for qs in asked}) > 1
+    # The footage keeps the scene's ground truth only; answers match the full scene's.
+    scene = footage.scene
+    full = generate_scene(40, duration=scene.duration, size=(scene.width, scene.height))
+    maker = QuestionMaker(full, footage.times, offset=footage.offset)
+    for qa in footage.clip(random.Random(1), stage).questions:
+        if qa.kind in (Kind.WHEN, Kind.NOW):
+            assert getattr(maker, qa.kind.value)(qa.target).answer == qa.answer
+
+
+def test_balanced_questions_answer_yes_half_the_time() -> None:
+    stage = replace(SMALL.stages[0], min_seconds=8.0, max_seconds=8.0)
+    footage = next(f for k in range(11, 40) if (f := make_footage(k, stage, SMALL)).present.any())
+    maker = QuestionMaker(footage.scene, footage.times, offset=footage.offset)
+    rng = random.Random(0)
+    answers = [qa.answer for _ in range(40) for qa in balanced_questions(maker, rng, 4, (Kind.AT,))]
+    assert 0.3 < answers.count("Yes.") / len(answers) < 0.7
