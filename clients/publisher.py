@@ -53,9 +53,9 @@ _TIME_BASE = Fraction(1, 90000)
 """RTP's video clock; frames are re-stamped on it so looping never goes back in time."""
 _FATAL_STATUSES = frozenset({400, 401, 403, 406, 413, 415, 422})
 """WHIP refusals that publishing again cannot fix (bad token, unusable offer or media)."""
-# Reasons the server records (stream/whip.py, stream/service.py) when someone ended the session
-# on purpose: a WHIP DELETE, or `DELETE /v1/sessions/{id}`. Such a session is not published
-# again; every other end (server shutting down, ICE/DTLS failure) is.
+# A session someone ended on purpose (its record's end_code is in DELIBERATE_ENDS: a WHIP DELETE,
+# or `DELETE /v1/sessions/{id}`) is not published again; every other end (server shutting down,
+# ICE/DTLS failure) is.
 
 
 class SourceUnavailable(LiveLensError):
@@ -239,8 +239,12 @@ class Publisher:
         ice_servers: Sequence[str] = (),
         on_session: Callable[[str], object] | None = None,
         timeout: float = 10.0,
+        window: float | None = None,
     ) -> None:
         self.server = server_url(server)
+        self.window = window
+        """Media seconds of video the server's model holds for this publication (the WHIP
+        URL's `?window=`); None: the server's --window."""
         self.source = source
         self.token = one_key(token, key)
         self.loop = loop
@@ -400,7 +404,7 @@ class Publisher:
             self.server,
             self.timeout,
             "POST",
-            f"{self.server}/whip",
+            f"{self.server}/whip" + (f"?window={self.window:g}" if self.window else ""),
             content=sdp,
             headers={"Content-Type": "application/sdp"},
         )

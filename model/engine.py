@@ -446,6 +446,15 @@ class Engine:
             session = self._sessions.get(key)
             return len(session.inbox) + len(session.frames) if session else 0
 
+    def settled(self, key: str) -> bool:
+        """No frame of the session waits for the model and no slide of its window runs."""
+        with self._cond:
+            session = self._sessions.get(key)
+            if session is None:
+                return True
+            sliding = session.window is not None and session.window.rebuild is not None
+            return not (session.inbox or session.frames or sliding)
+
     def stats(self, key: str) -> SessionStats | None:
         with self._cond:
             session = self._sessions.get(key)

@@ -313,10 +313,10 @@ class LiveService:
                     ) from None
                 self._forget(ended.pop(0), "its KV blocks were needed by a new session")
 
-    def open_whip(self, source: str) -> LiveSession:
-        """The WHIP endpoint's session opener."""
+    def open_whip(self, source: str, window_s: float | None = None) -> LiveSession:
+        """The WHIP endpoint's session opener (`window_s` from the WHIP URL's `?window=`)."""
         try:
-            return self.open_session("whip", source)
+            return self.open_session("whip", source, window_s=window_s)
         except ServiceError as exc:
             raise SessionRefused(exc.code, exc.message) from None
 
@@ -531,16 +531,17 @@ class LiveService:
         for session in list(self.sessions.values()):
             session.check_stalled(self.config.stall_after_s)
             counts[session.state.label] += 1
+            # Asked before the snapshot: once an ended session is settled nothing changes it.
+            settled = session.state >= State.ENDED and self.engine.settled(session.id)
             status = session.status()
             kv += status["kv_bytes"]
             for watcher in list(session.watchers):
                 watcher.send(status)
             if session.state < State.ENDED or not session.final_stats:
-                # An ended session's model may still be prefilling its last frames: its record
-                # follows until the engine has none left.
+                # An ended session's model may still be prefilling its last frames (or sliding
+                # its window): its record follows until the engine is done with it.
                 await self.registry.update(session.id, stats=_stats(session, status))
-                if session.state >= State.ENDED and not self.engine.pending(session.id):
-                    session.final_stats = True
+                session.final_stats = settled
             elif (
                 session.ended_at is not None
                 and now - session.ended_at > self.config.limits.ended_retention_s

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import math
 import re
 import secrets
 import time
@@ -102,9 +104,11 @@ class FrameSink(Protocol):
 
 
 class SessionOpener(Protocol):
-    """Creates a live session for a new publication; raises RuntimeError to refuse (-> 503)."""
+    """Creates a live session for a new publication; raises RuntimeError to refuse (-> 503).
 
-    def __call__(self, source: str) -> FrameSink: ...
+    Options a publisher gives in the WHIP URL's query (`?window=SECONDS`) come as keywords."""
+
+    def __call__(self, source: str, **options: float) -> FrameSink: ...
 
 
 @dataclass(frozen=True)
@@ -962,6 +966,25 @@ def _etag_matches(if_match: str, etag: str) -> bool:
 _EXPOSED = "Location, ETag, Link, X-LiveLens-Session, Accept-Post"
 
 
+def _publish_options(query: Mapping[str, str]) -> dict[str, float]:
+    """Session options in the WHIP URL's query: `window` (media seconds the model holds, as in
+    `POST /v1/sessions`). Other parameters are ignored (RFC 9725 leaves the URL to the
+    server); a bad value is refused with 400 `bad_parameter`."""
+    options: dict[str, float] = {}
+    raw = query.get("window")
+    if raw is not None:
+        try:
+            window = float(raw)
+        except ValueError:
+            window = math.nan
+        if not (math.isfinite(window) and 0 < window <= 86400):
+            raise WhipError(
+                400, "bad_parameter", "window must be a number of seconds in (0, 86400]"
+            )
+        options["window_s"] = window
+    return options
+
+
 def whip_router(
     ingest: WhipIngest,
     open_session: SessionOpener,
@@ -1032,14 +1055,28 @@ def whip_router(
             201: {"description": "the SDP answer", "content": {SDP_TYPE: _TEXT}},
             **error_responses(400, 401, 406, 413, 415, 503),
         },
-        openapi_extra=_text_body(SDP_TYPE),
+        openapi_extra={
+            **_text_body(SDP_TYPE),
+            "parameters": [
+                {
+                    "name": "window",
+                    "in": "query",
+                    "required": False,
+                    "description": "media seconds of video the model holds for this publication "
+                    "(default: the server's --window)",
+                    "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 86400},
+                }
+            ],
+        },
     )
     async def publish(request: Request) -> Response:
         try:
             offer = await body(request, SDP_TYPE)
             client = request.client.host if request.client else "unknown"
             agent = request.headers.get("user-agent", "unknown client")
-            publication = await ingest.publish(offer, open_session, f"whip:{client} {agent}")
+            options = _publish_options(request.query_params)
+            opener = functools.partial(open_session, **options) if options else open_session
+            publication = await ingest.publish(offer, opener, f"whip:{client} {agent}")
         except WhipError as exc:
             return error(exc)
         headers = {

@@ -146,18 +146,20 @@ def test_a_window_keeps_a_session_taking_frames_past_its_share(runner, tmp_path,
         )
         assert response.status_code == 201, response.text
         sid = response.json()["id"]
-        # The record follows the model past the source's end, to the last frame.
+        # The record follows the model past the source's end to its last slide: the window
+        # then holds the last 10 s at most, at least half of it (slides of half the window).
         record = wait_for(
             lambda: (
                 (r := client.get(f"/v1/sessions/{sid}").json())["state"] == "ended"
                 and r["stats"]["window_end"] == 99.5
+                and 99.5 - 10 <= r["stats"]["window_start"] < 99.5 - 4
                 and r
             ),
             timeout=120,
         )
         stats = record["stats"]
         assert stats["frames_dropped"] == 0 and stats["frames_sampled"] == 200
-        assert 99.5 - 10 <= stats["window_start"] < 99.5 - 4  # slides of half the window
+        assert stats["window_start"] == service.engine.stats(sid).window_start
         engine_stats = service.engine.stats(sid)
         assert engine_stats.slides >= 2  # frames come in bursts: a slide may skip anchors
         assert engine_stats.frames_left + engine_stats.frames == 200
@@ -166,3 +168,19 @@ def test_a_window_keeps_a_session_taking_frames_past_its_share(runner, tmp_path,
             assert status["window_start"] == stats["window_start"]
             answer, _ = ask(ws, "q", max_new_tokens=3)
             assert answer["stream_position"] == 99.5
+
+
+def test_a_whip_publisher_chooses_its_window_in_the_url(runner, tmp_path, redis_server):
+    with running_app(runner, fast_config(redis_server.url, media_root=tmp_path)) as (
+        client,
+        service,
+    ):
+        for bad in ("0", "-3", "abc", "inf", "nan", "86401"):
+            response = client.post(f"/whip?window={bad}", content=aiortc_offer(), headers=SDP)
+            assert response.status_code == 400, (bad, response.text)
+            assert response.json()["error"]["code"] == "bad_parameter"
+        assert not service.sessions  # a refused offer opens nothing
+        response = client.post("/whip?window=30", content=aiortc_offer(), headers=SDP)
+        assert response.status_code == 201, response.text
+        sid = response.headers["x-livelens-session"]
+        assert service.sessions[sid].settings.window_s == 30
