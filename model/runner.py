@@ -338,8 +338,10 @@ class ModelRunner:
         per_frame = [
             feats for row, (t, _, _) in zip(out, rows, strict=True) for feats in row.chunk(t)
         ]
+        # An anchor's features outlive the step (the window keeps them): a copy, not a view
+        # that would keep the whole packed output of the step alive with it.
         return [
-            (feats[f.keep.to(feats.device)], feats if f.anchor else None)  # type: ignore[union-attr]
+            (feats[f.keep.to(feats.device)], feats.clone() if f.anchor else None)  # type: ignore[union-attr]
             for feats, f in zip(per_frame, frames, strict=True)
         ]
 

@@ -457,3 +457,18 @@ def test_a_question_during_a_slide_answers_over_the_old_window(tiny_model) -> No
     _run(engine, lambda: recorder.done.is_set() and not _sliding(engine))
     _check(tiny_model, recorder, frames[old[0] : i + 1], times[old[0] : i + 1])
     assert engine.session_record("a").times[0] > times[old[0]]
+
+
+def test_anchor_features_do_not_keep_their_step_alive(tiny_model) -> None:
+    """The window keeps anchors' features for hours: each must own its memory, not be a view
+    into the vision output of all frames encoded in its step."""
+    engine, _ = _windowed(tiny_model, 4.0)
+    frames, times = _clip(2, 6)
+    for image, t in zip(frames, times, strict=True):
+        engine.submit_frame("a", image, t)  # all in one step: one packed vision pass
+    _run(engine, lambda: engine.pending("a") == 0)
+    held = engine.session_record("a").window.held
+    anchors = [h.full for h in held if h.full is not None]
+    assert len(anchors) >= 2
+    for full in anchors:
+        assert full.untyped_storage().nbytes() == full.numel() * full.element_size()
