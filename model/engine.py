@@ -241,10 +241,10 @@ class _Active:
     """Engine-side state of one question beside its scheduler `Request` (token ids, detokenizer
     offsets, status): the asker's job and the sampling state."""
 
-    request_id: str
-    session_id: str
+    request: Request
+    """The scheduler's state of the question (ids, params, status); read, never written here
+    except its detokenizer offsets (`text_delta`)."""
     job: QuestionJob
-    params: SamplingParams
     penalty: float
     generator: torch.Generator
     seen: torch.Tensor | None = None
@@ -474,11 +474,6 @@ class Engine:
                 slides=session.window.slides if session.window else 0,
             )
 
-    def full_reason(self, key: str) -> str | None:
-        with self._cond:
-            session = self._sessions.get(key)
-            return session.full_reason if session else None
-
     def session_record(self, key: str) -> _Session:
         """The session's engine record (read it only while the engine is not stepping)."""
         return self._session(key)
@@ -493,10 +488,6 @@ class Engine:
         pool_tokens = self.scheduler.kv.pool.num_blocks * self.layout.block_size
         share = pool_tokens / (2 * self.config.sessions) / per_second
         return max(10.0, min(context, share))
-
-    @property
-    def pool_bytes(self) -> int:
-        return self.scheduler.kv.pool.num_blocks * self.layout.bytes_per_block
 
     def pool_usage(self) -> tuple[int, int]:
         """(blocks used, blocks total)."""
@@ -644,10 +635,10 @@ class Engine:
         images = torch.from_numpy(np.stack([image for image, _ in taken]))
         pruned = session.pruner(images)
         per_frame = session.height * session.width // self.runner.patch_size**2
+        admitted = self.scheduler.session(session.session_id).frames_admitted
         for i, (_, t) in enumerate(taken):
             keep = pruned.keep[i]
-            index = self.scheduler.session(session.session_id).frames_admitted
-            session.pending_text += self.prompt.frame_label(index, t)
+            session.pending_text += self.prompt.frame_label(admitted + i, t)
             kept = int(keep.sum())
             label_ids: tuple[int, ...] = ()
             if kept:
@@ -683,7 +674,7 @@ class Engine:
             if room >= 1 and params.max_new_tokens > room:
                 params = replace(params, max_new_tokens=room)  # the answer reserve is the limit
             request_id = f"q{next(self._ids)}"
-            self.scheduler.add_request(request_id, key, ids, params, self.stop_ids)
+            request = self.scheduler.add_request(request_id, key, ids, params, self.stop_ids)
         except (SessionError, Refused) as exc:
             callbacks.add(job.on_error, SessionError(str(exc)))
             return
@@ -691,10 +682,8 @@ class Engine:
         generator = torch.Generator(device=self.runner.device)
         generator.manual_seed(params.seed if params.seed is not None else torch.seed())
         self._active[request_id] = _Active(
-            request_id=request_id,
-            session_id=key,
+            request=request,
             job=job,
-            params=params,
             penalty=self.default_repetition_penalty if penalty is None else penalty,
             generator=generator,
         )
@@ -811,7 +800,7 @@ class Engine:
         held = window.held[start:]
         times = session.times[start:]
         pending = self.prompt.prefix
-        layout: list[tuple[int, float, int]] = []
+        layout: list[tuple[int, float, int]] = []  # (index, time, tokens) of frames with tokens
         inputs: dict[int, FrameInput] = {}
         kept: list[int] = []
         prompt_ids: list[int] = []
@@ -819,25 +808,22 @@ class Engine:
             features = frame.full if position == 0 else frame.kept
             n = 0 if features is None else int(features.shape[0])
             pending += self.prompt.frame_label(position, t)
-            ids: tuple[int, ...] = ()
-            if n:
-                ids = tuple(self._tokenize(pending))
-                pending = ""
-                inputs[frame.index] = FrameInput(label_ids=ids, features=features)
-                prompt_ids += [*ids, *[self.video_token_id] * n]
-            # A frame with no token adds nothing: its label is in the next frame's text, or
-            # (the last ones) in what live frames and questions were tokenized with already.
-            layout.append((frame.index, t, len(ids) + n if n else 0))
             kept.append(n)
+            if not n:
+                # It adds no token: its label is in the next frame's text, or (the last ones)
+                # in what live frames and questions were tokenized with already.
+                continue
+            ids = tuple(self._tokenize(pending))
+            pending = ""
+            inputs[frame.index] = FrameInput(label_ids=ids, features=features)
+            prompt_ids += [*ids, *[self.video_token_id] * n]
+            layout.append((frame.index, t, len(ids) + n))
         try:
             self.scheduler.slide(session.session_id, layout)
         except Refused as exc:
             logger.debug("session %s cannot slide yet: %s", session.session_id, exc)
             return
-        # Frames with no token are never prefilled: the scheduler skips them as it does live.
-        window.rebuild = inputs | {
-            index: FrameInput(label_ids=()) for index, _, n in layout if not n
-        }
+        window.rebuild = inputs
         first = _Held(held[0].index, held[0].full, held[0].full)  # shows all of its tokens now
         window.after = (times, kept, prompt_ids, [first, *held[1:]])
 
@@ -889,7 +875,7 @@ class Engine:
     def _drop_active(self, request_id: str) -> _Active | None:
         active = self._active.pop(request_id, None)
         if active is not None:
-            session = self._sessions.get(active.session_id)
+            session = self._sessions.get(active.request.session_id)
             if session is not None:
                 session.questions.discard(request_id)
         return active
@@ -898,7 +884,7 @@ class Engine:
     def _sample(self, active: _Active, logits: torch.Tensor) -> int:
         if active.seen is not None:
             logits = penalize(logits, active.seen, active.penalty)
-        token = choose(logits, active.params, active.generator)
+        token = choose(logits, active.request.params, active.generator)
         if active.penalty != 1.0:
             if active.seen is None:
                 active.seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)

@@ -65,7 +65,6 @@ class VideoSession:
         self.tokenizer = runner.loaded.tokenizer
         self.prompt = self.engine.prompt
         self.height, self.width = height, width
-        self.max_tokens = max_len
         self.default_repetition_penalty = self.engine.default_repetition_penalty
         self.last_answer: Answer | None = None
         self._full: Exception | None = None

@@ -161,7 +161,6 @@ class LiveSession:
         self.live_edge: float | None = None
         self.last_frame_at: float | None = None
         """time.monotonic() of the newest decoded frame: how long the source has been silent."""
-        self.model_closed_reason: str | None = None
         self.last_sampled: tuple[float, np.ndarray] | None = None
         """The newest sampled frame (media time, RGB at the session grid)."""
         self.thumbnails = ThumbnailRing(settings.thumbnails)
@@ -251,7 +250,6 @@ class LiveSession:
 
     def _append_failed(self, exc: Exception) -> None:
         # The session keeps answering over what it holds; it only stops taking frames.
-        self.model_closed_reason = str(exc)
         logger.warning("session %s takes no more frames: %s", self.id, exc)
         self.loop.call_soon_threadsafe(self._set_state, State.FULL, str(exc))
 
@@ -511,7 +509,7 @@ class LiveSession:
             StatusMessage(
                 session_id=self.id,
                 state=self.state.label,
-                reason=self.reason or self.model_closed_reason,
+                reason=self.reason,
                 end_code=self.end_code,
                 frames_received=self.frames_received,
                 frames_sampled=self.frames_sampled,

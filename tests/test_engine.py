@@ -120,7 +120,13 @@ def _engine(tiny_model, **config) -> Engine:
     )
 
 
-def _open(engine: Engine, key: str, frames: Frames | None = None) -> Frames:
+def _open(
+    engine: Engine,
+    key: str,
+    frames: Frames | None = None,
+    window_s: float | None = None,
+    min_tokens: int = 1,
+) -> Frames:
     frames = frames or Frames()
     engine.open_session(key)
     engine.configure(
@@ -128,8 +134,9 @@ def _open(engine: Engine, key: str, frames: Frames | None = None) -> Frames:
         height=HEIGHT,
         width=WIDTH,
         threshold=THRESHOLD,
-        min_tokens=1,
+        min_tokens=min_tokens,
         callbacks=frames.callbacks(),
+        window_s=window_s,
     )
     return frames
 
@@ -142,9 +149,11 @@ def _run(engine: Engine, until) -> None:
     raise AssertionError("the engine did not get there in 500 steps")
 
 
-def _check(loaded, recorder: Recorder, frames: np.ndarray, times: list[float]) -> None:
+def _check(
+    loaded, recorder: Recorder, frames: np.ndarray, times: list[float], min_tokens: int = 1
+) -> None:
     """The answer equals transformers' offline forward and greedy generate over `frames`."""
-    reference = OfflineReference(loaded, frames, times, threshold=THRESHOLD, min_tokens=1)
+    reference = OfflineReference(loaded, frames, times, threshold=THRESHOLD, min_tokens=min_tokens)
     question = recorder.job.question
     assert recorder.error is None and recorder.answer is not None
     assert recorder.answer.stream_position == times[-1]
@@ -380,16 +389,7 @@ def test_close_during_answer_cancels_it(threaded) -> None:
 def _windowed(tiny_model, window_s: float) -> tuple[Engine, Plans]:
     engine = _engine(tiny_model)
     plans = Plans(engine)
-    engine.open_session("a")
-    engine.configure(
-        "a",
-        height=HEIGHT,
-        width=WIDTH,
-        threshold=THRESHOLD,
-        min_tokens=1,
-        callbacks=Frames().callbacks(),
-        window_s=window_s,
-    )
+    _open(engine, "a", window_s=window_s)
     return engine, plans
 
 
@@ -472,3 +472,27 @@ def test_anchor_features_do_not_keep_their_step_alive(tiny_model) -> None:
     assert len(anchors) >= 2
     for full in anchors:
         assert full.untyped_storage().nbytes() == full.numel() * full.element_size()
+
+
+def test_frames_that_keep_no_token_slide_exactly(tiny_model) -> None:
+    """With min_tokens=0 a repeated frame keeps no token: live, its label joins the next frame's
+    text; in a rebuilt window too (only the window's first frame shows all of its tokens)."""
+    engine = _engine(tiny_model)
+    _open(engine, "a", window_s=4.0, min_tokens=0)
+    frames, times = _clip(8, 13)
+    for i in (2, 3, 6, 7, 10, 12):
+        frames[i] = frames[i - 1]  # unchanged: every token pruned
+    checked = 0
+    for i, (image, t) in enumerate(zip(frames, times, strict=True)):
+        engine.submit_frame("a", image, t)
+        _run(engine, lambda: engine.pending("a") == 0 and not _sliding(engine))
+        record = engine.session_record("a")
+        if 0 not in record.kept[:-1]:
+            continue  # check the windows holding a frame with no token before their last
+        first = times.index(record.times[0])
+        recorder = Recorder()
+        engine.submit_question("a", recorder.job)
+        _run(engine, recorder.done.is_set)
+        _check(tiny_model, recorder, frames[first : i + 1], times[first : i + 1], min_tokens=0)
+        checked += 1
+    assert checked >= 2 and engine.stats("a").slides >= 3
