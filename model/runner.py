@@ -150,6 +150,16 @@ class PagedKVCache:
 
 
 @dataclass
+class _Layout:
+    """One sequence's new tokens before embedding: token ids and visual features, in order."""
+
+    pieces: list[Sequence[int] | torch.Tensor]
+    start: int
+    table: tuple[int, ...]
+    request_id: str | None = None
+
+
+@dataclass
 class _Sequence:
     """One sequence's share of the packed forward."""
 
@@ -288,20 +298,17 @@ class ModelRunner:
         kept = {key[:2]: k for key, (k, _) in zip(wanted, encoded, strict=True)}
         full = {key[:2]: f for key, (_, f) in zip(wanted, encoded, strict=True) if f is not None}
 
-        sequences = [
-            _Sequence(
-                [self.embed_tokens([d.token_id])], d.placement.start, d.block_table, d.request_id
-            )
+        # Each sequence's pieces in order: token ids or visual features.
+        layouts: list[_Layout] = [
+            _Layout([(d.token_id,)], d.placement.start, d.block_table, d.request_id)
             for d in plan.decodes
         ]
-        sequences += [
-            _Sequence(
-                [self.embed_tokens(q.token_ids)], q.placement.start, q.block_table, q.request_id
-            )
+        layouts += [
+            _Layout([q.token_ids], q.placement.start, q.block_table, q.request_id)
             for q in plan.questions
         ]
         for prefill in plan.frames:
-            embeds = []
+            pieces: list[Sequence[int] | torch.Tensor] = []
             for frame in prefill.frames:
                 if not frame.tokens:
                     continue
@@ -311,11 +318,27 @@ class ModelRunner:
                     if item.features is not None
                     else kept[(prefill.session_id, frame.index)]
                 )
-                embeds += [self.embed_tokens(item.label_ids), visual]
-            if embeds:
-                sequences.append(_Sequence(embeds, prefill.placement.start, prefill.block_table))
+                pieces += [item.label_ids, visual]
+            if pieces:
+                layouts.append(_Layout(pieces, prefill.placement.start, prefill.block_table))
+        sequences = self._embed_layouts(layouts)
         logits = self.forward(sequences) if sequences else {}
         return StepResult(logits=logits, features=kept, full=full)
+
+    def _embed_layouts(self, layouts: list[_Layout]) -> list[_Sequence]:
+        """Every token id of the step through the embedding table in ONE lookup."""
+        texts = [p for layout in layouts for p in layout.pieces if not isinstance(p, torch.Tensor)]
+        flat = [i for ids in texts for i in ids]
+        embedded = iter(self.embed_tokens(flat).split([len(ids) for ids in texts]) if flat else ())
+        return [
+            _Sequence(
+                [p if isinstance(p, torch.Tensor) else next(embedded) for p in layout.pieces],
+                layout.start,
+                layout.table,
+                layout.request_id,
+            )
+            for layout in layouts
+        ]
 
     def encode(
         self, frames: Sequence[FrameInput]
