@@ -236,7 +236,7 @@ class Workload:
         self.run.lag_growth = statistics.mean(last) - statistics.mean(first) if first else 0.0
 
 
-def held(run: Run, args: argparse.Namespace) -> bool:
+def held(run: Run) -> bool:
     """Real time: lag grew by less than one frame period and ended under two."""
     return (
         run.dropped == 0 and run.lag_growth < 1.0 and max(run.lag_end, default=float("inf")) < 2.0
@@ -260,7 +260,7 @@ def find_max(loaded: LoadedModel, args: argparse.Namespace) -> list[Run]:
     while high is None or high - low > max(1, low // 16):
         run = measure(loaded, args, n, "batched")
         runs.append(run)
-        if held(run, args):
+        if held(run):
             low = n
         else:
             high = n
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     batched = [r for r in runs if r.mode == "batched"]
     top = max(batched, key=lambda r: r.streams) if not args.find_max else None
     if args.find_max:
-        held_runs = [r for r in batched if held(r, args)]
+        held_runs = [r for r in batched if held(r)]
         top = max(held_runs, key=lambda r: r.streams) if held_runs else batched[0]
     assert top is not None
     sequential = [r for r in runs if r.mode == "sequential" and r.streams == top.streams]

@@ -695,8 +695,7 @@ class Engine:
             session = self._sessions.get(full.session_id)
             if session is None:
                 continue
-            session.frames.clear()
-            session.inbox.clear()
+            session.frames.clear()  # the scheduler dropped them; _close_frames empties the inbox
             if full.reason is FullReason.CONTEXT:
                 message = (
                     f"session context is full ({self.scheduler.session(full.session_id).tokens} "
@@ -835,7 +834,7 @@ class Engine:
         window.after, window.rebuild = None, None
         window.slides += 1
 
-    def _advance(self, request, callbacks: _Callbacks) -> None:
+    def _advance(self, request: Request, callbacks: _Callbacks) -> None:
         active = self._active.get(request.request_id)
         if active is None:
             return

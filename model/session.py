@@ -68,6 +68,9 @@ class VideoSession:
         self.default_repetition_penalty = self.engine.default_repetition_penalty
         self.last_answer: Answer | None = None
         self._full: Exception | None = None
+        self._done = False
+        """The question being driven finished (answered or failed)."""
+        self._error: Exception | None = None
         self.engine.open_session(_KEY)
         self.engine.configure(
             _KEY,
@@ -162,7 +165,7 @@ class VideoSession:
             raise SessionError("the session has no frames yet")
         self.last_answer = None
         self._done = False
-        self._error: Exception | None = None
+        self._error = None
 
         def done(answer: Answer) -> None:
             self.last_answer = answer
