@@ -417,7 +417,10 @@ class Engine:
             return True
 
     def submit_question(self, key: str, job: QuestionJob) -> int:
-        """Queue a question; returns how many questions of the session are ahead of it."""
+        """Queue a question; returns how many questions of the session are ahead of it.
+
+        The engine does not bound its question inbox itself: its callers do (the service's
+        per-session and per-connection question limits, `questions()` counting both)."""
         with self._cond:
             session = self._sessions.get(key)
             if session is None:

@@ -10,11 +10,11 @@ that the steps really were batched, so a scheduler that ran sessions one by one 
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
 import torch
+from service_harness import wait_for
 from test_exactness import HEIGHT, THRESHOLD, WIDTH
 
 from livelens.model.engine import (
@@ -281,36 +281,32 @@ def threaded(tiny_model):
     engine.stop()
 
 
-def _wait(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+def _gated(engine: Engine, clip: np.ndarray) -> Frames:
+    """A session whose first frame is prefilled and whose report then holds the engine thread
+    until `gate` is set: frames and questions pile up meanwhile."""
+    frames = Frames()
+    frames.gate = threading.Event()
+    _open(engine, "a", frames)
+    engine.submit_frame("a", clip[0], 0.0)
+    wait_for(lambda: frames.appended == [1])
+    return frames
 
 
 def test_pending_frames_are_bounded_and_oldest_dropped(threaded) -> None:
-    frames = Frames()
-    frames.gate = threading.Event()
-    _open(threaded, "a", frames)
     clip, _ = _clip(0, 12)
-    threaded.submit_frame("a", clip[0], 0.0)
-    _wait(lambda: frames.appended == [1])  # the engine now blocks inside its first report
+    frames = _gated(threaded, clip)
     for i in range(1, 12):
         threaded.submit_frame("a", clip[i], float(i))
     assert threaded.pending("a") == 3
     assert threaded.dropped("a") == 8
     frames.gate.set()
-    _wait(lambda: sum(frames.appended) == 4)
+    wait_for(lambda: sum(frames.appended) == 4)
     assert threaded.session_record("a").times == [0.0, 9.0, 10.0, 11.0]  # the newest three
 
 
 def test_question_sees_frames_sampled_before_it(threaded) -> None:
-    frames = Frames()
-    frames.gate = threading.Event()
-    _open(threaded, "a", frames)
     clip, _ = _clip(0, 3)
-    threaded.submit_frame("a", clip[0], 0.0)
-    _wait(lambda: frames.appended == [1])
+    frames = _gated(threaded, clip)
     threaded.submit_frame("a", clip[1], 1.0)
     threaded.submit_frame("a", clip[2], 2.0)
     recorder = Recorder()
@@ -319,14 +315,14 @@ def test_question_sees_frames_sampled_before_it(threaded) -> None:
     frames.gate.set()
     assert recorder.done.wait(30)
     assert recorder.answer is not None and recorder.answer.stream_position == 2.0
-    _wait(lambda: threaded.questions("a") == 0)
+    wait_for(lambda: threaded.questions("a") == 0)
 
 
 def test_long_answer_does_not_stall_other_sessions(threaded) -> None:
     _open(threaded, "a")
     clip, _ = _clip(0, 2)
     threaded.submit_frame("a", clip[0], 0.0)
-    _wait(lambda: threaded.pending("a") == 0)
+    wait_for(lambda: threaded.pending("a") == 0)
     long = Recorder(params=SamplingParams(max_new_tokens=200, temperature=1.0, seed=1))
     answering_when_b_appended: list[bool] = []
     b = Frames()
@@ -335,9 +331,9 @@ def test_long_answer_does_not_stall_other_sessions(threaded) -> None:
     )
     _open(threaded, "b", b)
     threaded.submit_question("a", long.job)
-    _wait(lambda: len(long.tokens) >= 2)
+    wait_for(lambda: len(long.tokens) >= 2)
     threaded.submit_frame("b", clip[1], 0.0)
-    _wait(lambda: answering_when_b_appended)
+    wait_for(lambda: answering_when_b_appended)
     assert answering_when_b_appended == [True]
     assert long.done.wait(60) and len(long.answer.token_ids) > 2
 
@@ -346,14 +342,14 @@ def test_cancel_mid_answer_frees_its_blocks(threaded) -> None:
     _open(threaded, "a")
     clip, _ = _clip(0, 1)
     threaded.submit_frame("a", clip[0], 0.0)
-    _wait(lambda: threaded.pending("a") == 0)
+    wait_for(lambda: threaded.pending("a") == 0)
     video_blocks = threaded.stats("a").kv_blocks
     recorder = Recorder(params=SamplingParams(max_new_tokens=500, temperature=1.0, seed=3))
     threaded.submit_question("a", recorder.job)
-    _wait(lambda: len(recorder.tokens) >= 2)
+    wait_for(lambda: len(recorder.tokens) >= 2)
     assert threaded.pool_usage()[0] > video_blocks
     recorder.job.cancel()
-    _wait(lambda: threaded.pool_usage()[0] == video_blocks)
+    wait_for(lambda: threaded.pool_usage()[0] == video_blocks)
     assert not recorder.done.is_set()  # a cancelled question reports nothing
     after = Recorder()
     threaded.submit_question("a", after.job)
@@ -377,9 +373,9 @@ def test_close_during_answer_cancels_it(threaded) -> None:
     threaded.submit_frame("a", clip[0], 0.0)
     recorder = Recorder(params=SamplingParams(max_new_tokens=500, temperature=1.0, seed=5))
     threaded.submit_question("a", recorder.job)
-    _wait(lambda: len(recorder.tokens) >= 1)
+    wait_for(lambda: len(recorder.tokens) >= 1)
     threaded.close_session("a")
-    _wait(lambda: threaded.pool_usage()[0] == 0)
+    wait_for(lambda: threaded.pool_usage()[0] == 0)
     assert not threaded.submit_frame("a", clip[1], 1.0)
     with pytest.raises(KeyError):
         threaded.submit_question("a", Recorder().job)
