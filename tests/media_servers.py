@@ -18,6 +18,7 @@ import re
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import tempfile
 import threading
@@ -283,10 +284,11 @@ class TcpPeer:
 
     mode "silent": accepts and never sends (a hung server). "garbage": sends seeded random bytes
     and closes. "http-garbage": answers an HTTP 200 whose body is random bytes (not media).
+    "reset": reads the request and resets the connection (RST, nothing sent).
     """
 
     def __init__(self, mode: str, *, size: int = 64 * 1024, seed: int = 0) -> None:
-        if mode not in ("silent", "garbage", "http-garbage"):
+        if mode not in ("silent", "garbage", "http-garbage", "reset"):
             raise ValueError(f"unknown mode {mode!r}")
         self.mode = mode
         self._payload = random.Random(seed).randbytes(size)
@@ -320,6 +322,12 @@ class TcpPeer:
         try:
             if self.mode == "silent":
                 self._stop.wait()
+                return
+            if self.mode == "reset":
+                client.settimeout(2)
+                client.recv(4096)
+                # Linger 0: close() sends RST instead of FIN.
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 return
             if self.mode == "http-garbage":
                 client.settimeout(2)
