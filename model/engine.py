@@ -142,6 +142,41 @@ class FrameCallbacks:
     """The session takes no more frames (its context or the KV pool is full)."""
 
 
+@dataclass(frozen=True)
+class Probe:
+    """One evaluation of a standing question (`Engine.watch`): a yes/no question over the
+    session's video up to `time`."""
+
+    watch_id: str
+    time: float
+    """Media time of the newest frame the evaluation saw."""
+    confidence: float
+    """P(yes) / (P(yes) + P(no)) at the answer's first token (yes/no: the first tokens of
+    "Yes"/"yes" and "No"/"no")."""
+    evaluated: bool
+    """False: not run, because DiffFP found no changed token since the last evaluation and the
+    window did not slide; `confidence` is the last evaluation's."""
+    seconds: float = 0.0
+    """From the evaluation's fork to its result (0 when not evaluated)."""
+
+
+@dataclass
+class _Watch:
+    """A standing question of one session: evaluated every `every` media seconds."""
+
+    watch_id: str
+    question: str
+    every: float
+    on_result: Callable[[Probe], None]
+    on_error: Callable[[Exception], None]
+    next_due: float = -math.inf
+    changed: bool = True
+    """DiffFP kept a changed token (or the window slid) since the last evaluation."""
+    confidence: float | None = None
+    in_flight: set[str] = field(default_factory=set)
+    """Request ids of the watch's evaluations waiting or running."""
+
+
 # ------------------------------------------------------------------------ config
 @dataclass(frozen=True)
 class EngineConfig:
@@ -155,6 +190,9 @@ class EngineConfig:
     sessions: int = 1
     """Sessions the pool is meant to hold at once (the service's --max-sessions): default
     windows are sized from an even share of it."""
+    skip_unchanged: bool = True
+    """Standing questions: skip an evaluation when DiffFP found no changed token since the last
+    one (the model would see the same video but for the time labels)."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
@@ -204,6 +242,9 @@ class _Session:
     """Request ids waiting or running."""
     window: _Window | None = None
     """The sliding window's state (None: the video only grows)."""
+    watches: dict[str, _Watch] = field(default_factory=dict)
+    probes: set[str] = field(default_factory=set)
+    """Request ids of standing-question evaluations waiting or running."""
 
 
 @dataclass
@@ -250,6 +291,9 @@ class _Active:
     seen: torch.Tensor | None = None
     emitted: str = ""
     first_token_at: float | None = None
+    watch: _Watch | None = None
+    """Set for a standing question's evaluation (one token, its yes/no confidence)."""
+    confidence: float | None = None
 
 
 @dataclass
@@ -306,6 +350,7 @@ class Engine:
             KVCacheManager(BlockPool(num_blocks, config.block_size)), scheduler_config
         )
         self.stop_ids = _stop_ids(self.tokenizer, runner.model.generation_config)
+        self.yes_ids, self.no_ids = _yes_no_ids(self.tokenizer)
         penalty = runner.model.generation_config.repetition_penalty
         self.default_repetition_penalty = float(penalty) if penalty is not None else 1.0
 
@@ -321,6 +366,8 @@ class Engine:
         self.busy_seconds = 0.0
         self.max_step_seconds = 0.0
         self.refused_sessions = 0
+        self.probes_run = 0
+        self.probes_skipped = 0
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -393,7 +440,7 @@ class Engine:
             session = self._sessions.pop(key, None)
             if session is None:
                 return
-            for request_id in session.questions:
+            for request_id in (*session.questions, *session.probes):
                 active = self._active.pop(request_id, None)
                 if active is not None:
                     active.job.cancel()
@@ -429,6 +476,42 @@ class Engine:
             self._inbox.append((key, job))
             self._cond.notify()
             return ahead
+
+    def watch(
+        self,
+        key: str,
+        watch_id: str,
+        question: str,
+        *,
+        every: float,
+        on_result: Callable[[Probe], None],
+        on_error: Callable[[Exception], None],
+    ) -> None:
+        """Evaluate a yes/no question on the session every `every` media seconds, at the first
+        frame taken in at or after each due time, forked off the video up to that frame like
+        any question (its prompt prefilled, one token, then released). `on_result` gets a
+        `Probe` per due time, in media-time order (on the engine thread). At most
+        `MAX_PROBES_IN_FLIGHT` evaluations of a watch wait or run; a due time that passes while
+        that many do is taken by the next frame."""
+        validate_question(question)
+        if not (math.isfinite(every) and every > 0):
+            raise SessionError(f"every must be a positive number of seconds, got {every}")
+        with self._cond:
+            session = self._session(key)
+            if watch_id in session.watches:
+                raise ValueError(f"session {key} already has a watch {watch_id!r}")
+            session.watches[watch_id] = _Watch(watch_id, question, every, on_result, on_error)
+
+    def unwatch(self, key: str, watch_id: str) -> bool:
+        """Stop a standing question (an evaluation in flight is cancelled, without a result)."""
+        with self._cond:
+            session = self._sessions.get(key)
+            watch = session.watches.pop(watch_id, None) if session else None
+            if watch is None:
+                return False
+            for request_id in watch.in_flight:
+                self._active[request_id].job.cancel()
+            return True
 
     # ----------------------------------------------------------------- views
     def questions(self, key: str) -> int:
@@ -570,6 +653,8 @@ class Engine:
                     active.first_token_at = now
                     if active.job.on_logits is not None:
                         callbacks.add(active.job.on_logits, logits)
+                    if active.watch is not None:
+                        active.confidence = self._confidence(logits)
                 sampled[request_id] = self._sample(active, logits)
         took = time.perf_counter() - started
 
@@ -666,8 +751,15 @@ class Engine:
                 keep=keep,
                 anchor=anchor,
             )
+            if session.watches:
+                changed = bool((pruned.distance[i] > session.pruner.threshold).any())
+                self._due_watches(session, t, changed, callbacks)
 
-    def _add_question(self, key: str, job: QuestionJob, callbacks: _Callbacks) -> None:
+    def _add_question(
+        self, key: str, job: QuestionJob, callbacks: _Callbacks, watch: _Watch | None = None
+    ) -> str | None:
+        """Fork a question off the session's video admitted so far; its request id, or None
+        when it is refused (job.on_error is told)."""
         session = self._sessions[key]
         try:
             question = validate_question(job.question)
@@ -680,7 +772,7 @@ class Engine:
             request = self.scheduler.add_request(request_id, key, ids, params, self.stop_ids)
         except (SessionError, Refused) as exc:
             callbacks.add(job.on_error, SessionError(str(exc)))
-            return
+            return None
         penalty = params.repetition_penalty
         generator = torch.Generator(device=self.runner.device)
         generator.manual_seed(params.seed if params.seed is not None else torch.seed())
@@ -689,8 +781,40 @@ class Engine:
             job=job,
             penalty=self.default_repetition_penalty if penalty is None else penalty,
             generator=generator,
+            watch=watch,
         )
-        session.questions.add(request_id)
+        (session.questions if watch is None else session.probes).add(request_id)
+        return request_id
+
+    def _due_watches(
+        self, session: _Session, t: float, changed: bool, callbacks: _Callbacks
+    ) -> None:
+        """After a frame at media time `t` is admitted: start (or skip) the evaluations due."""
+        for watch in session.watches.values():
+            watch.changed |= changed
+            if len(watch.in_flight) >= MAX_PROBES_IN_FLIGHT or t < watch.next_due - _TIME_EPS:
+                continue
+            # Due times follow the stream: a frame that comes late does not bring a burst.
+            watch.next_due = max(watch.next_due + watch.every, t + watch.every - _TIME_EPS)
+            unchanged = not watch.changed and watch.confidence is not None
+            # A skipped result repeats the last confidence: only once no evaluation is pending.
+            if self.config.skip_unchanged and unchanged and not watch.in_flight:
+                self.probes_skipped += 1
+                probe = Probe(watch.watch_id, t, watch.confidence, evaluated=False)
+                callbacks.add(watch.on_result, probe)
+                continue
+            job = QuestionJob(
+                watch.question,
+                _PROBE_PARAMS,
+                on_start=_nothing,
+                on_token=_ignore,
+                on_done=_ignore,
+                on_error=watch.on_error,
+            )
+            request_id = self._add_question(session.session_id, job, callbacks, watch)
+            if request_id is not None:
+                watch.in_flight.add(request_id)
+                watch.changed = False
 
     # ---------------------------------------------------------------- results
     def _report_plan_events(self, plan: StepPlan, callbacks: _Callbacks) -> None:
@@ -836,10 +960,15 @@ class Engine:
         session.times, session.kept, session.prompt_ids, window.held = window.after
         window.after, window.rebuild = None, None
         window.slides += 1
+        for watch in session.watches.values():
+            watch.changed = True  # the video is another one now: evaluate again
 
     def _advance(self, request: Request, callbacks: _Callbacks) -> None:
         active = self._active.get(request.request_id)
         if active is None:
+            return
+        if active.watch is not None:
+            self._probe_done(active, request, callbacks)
             return
         job = active.job
         if request.status is RequestStatus.FINISHED_ERROR:
@@ -874,12 +1003,45 @@ class Engine:
         )
         callbacks.add(job.on_done, answer)
 
+    def _probe_done(self, active: _Active, request: Request, callbacks: _Callbacks) -> None:
+        """A standing question's evaluation ended: its confidence to the watch, blocks freed."""
+        if not request.status.finished:
+            return  # max_new_tokens is 1: it finishes in the step it forks
+        watch = active.watch
+        assert watch is not None
+        self._drop_active(request.request_id)
+        if request.status is RequestStatus.FINISHED_CANCELLED:
+            return
+        if request.status is RequestStatus.FINISHED_ERROR or active.confidence is None:
+            callbacks.add(watch.on_error, SessionError(request.error or "the evaluation failed"))
+            return
+        self.probes_run += 1
+        watch.confidence = active.confidence
+        started = active.job.started or active.job.submitted
+        probe = Probe(
+            watch.watch_id,
+            request.stream_position or 0.0,
+            active.confidence,
+            evaluated=True,
+            seconds=time.perf_counter() - started,
+        )
+        callbacks.add(watch.on_result, probe)
+
+    def _confidence(self, logits: torch.Tensor) -> float:
+        probs = torch.softmax(logits.float(), dim=-1)
+        yes = float(probs[list(self.yes_ids)].sum())
+        no = float(probs[list(self.no_ids)].sum())
+        return yes / (yes + no) if yes + no > 0 else 0.5
+
     def _drop_active(self, request_id: str) -> _Active | None:
         active = self._active.pop(request_id, None)
         if active is not None:
             session = self._sessions.get(active.request.session_id)
             if session is not None:
                 session.questions.discard(request_id)
+                session.probes.discard(request_id)
+            if active.watch is not None:
+                active.watch.in_flight.discard(request_id)
         return active
 
     # --------------------------------------------------------------- sampling
@@ -898,6 +1060,41 @@ class Engine:
 
 
 # ----------------------------------------------------------------------- helpers
+MAX_PROBES_IN_FLIGHT = 8
+"""Evaluations of one standing question waiting or running at once."""
+_TIME_EPS = 1e-6
+"""Media-time slack for due times (frame times are floats)."""
+_PROBE_PARAMS = SamplingParams(max_new_tokens=1, temperature=0.0, repetition_penalty=1.0)
+"""A standing question's evaluation: one greedy token; its logits give the confidence."""
+
+
+def _nothing() -> None:
+    pass
+
+
+def _ignore(_: object) -> None:
+    pass
+
+
+def _yes_no_ids(tokenizer: object) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The first tokens of "Yes"/"yes"/" Yes"/" yes" and of the same spellings of no, less
+    the ones both share (a tokenizer may split " Yes" into a space token and "Yes")."""
+
+    def first_tokens(word: str) -> set[int]:
+        found = set()
+        for text in (word, word.lower(), " " + word, " " + word.lower()):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+            if ids:
+                found.add(ids[0])
+        return found
+
+    yes, no = first_tokens("Yes"), first_tokens("No")
+    yes, no = yes - no, no - yes
+    if not yes or not no:
+        raise ValueError("the tokenizer has no distinct first tokens for yes and no")
+    return tuple(sorted(yes)), tuple(sorted(no))
+
+
 def text_delta(tokenizer: object, request: Request) -> str:
     """The answer's new text since the last call, decoding only a short window per token.
 
