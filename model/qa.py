@@ -57,9 +57,25 @@ _FIRST = (
     "When is the {o} visible for the first time?",
 )
 _AT = ("Is there a {o} at {t}s?", "Is the {o} visible at {t}s?")
-_NOW = ("Is a {o} visible now?", "Is there a {o} in the scene now?")
+STANDING_TEMPLATE = "Is it true now that {condition}? Answer yes or no."
+"""How an alert's condition (a statement) becomes its yes/no question (stream/alerts.py)."""
+_NOW = (
+    "Is a {o} visible now?",
+    "Is there a {o} in the scene now?",
+    STANDING_TEMPLATE.format(condition="a {o} is visible"),
+)
 _SCENE = ("What is in the scene now?", "What can you see now?")
 _SCENE_AT = ("What is in the scene at {t}s?",)
+
+
+def standing_question(condition: str) -> str:
+    """The yes/no question of an alert: the condition itself when it is a question ("Is the
+    conveyor stopped?"), else STANDING_TEMPLATE around the statement ("a red ball is
+    visible"); the tiny grounding model is trained on that form."""
+    condition = condition.strip()
+    if condition.endswith("?"):
+        return condition
+    return STANDING_TEMPLATE.format(condition=condition.rstrip(".!").strip())
 
 
 def label(t: float) -> str:

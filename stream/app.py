@@ -27,17 +27,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from livelens.clients import CONSOLE_DIR
 from livelens.model.sampling import SessionError
 from livelens.stream import redact
+from livelens.stream.alerts import AlertError, AlertState, encode_clip
 from livelens.stream.auth import KeyRing, KeysFileError, Tickets
 from livelens.stream.auth_guard import SCOPE_KEY, AuthGuard
 from livelens.stream.http_limits import BodyLimit
-from livelens.stream.live import LiveSession, Watcher, iso
+from livelens.stream.live import LiveSession, State, Watcher, iso
 from livelens.stream.protocol import (
+    AlertRequest,
     AskMessage,
     ErrorMessage,
     ProtocolError,
     PullRequest,
     ThumbnailList,
     ThumbnailOut,
+    UnwatchMessage,
+    WatchMessage,
     dump,
     error_responses,
     parse_client_message,
@@ -123,6 +127,10 @@ def create_app(
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(AlertError)
+    async def alert_error(_: Request, exc: AlertError) -> JSONResponse:
         return _error(exc.status, exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)
@@ -302,6 +310,115 @@ def create_app(
             )
         raise ServiceError(410, "session_deleted", f"session {session_id} was deleted")
 
+    # --------------------------------------------------------------- alerts
+    @app.post(
+        "/v1/sessions/{session_id}/alerts",
+        status_code=201,
+        tags=["alerts"],
+        responses=error_responses(403, 409, 410),
+    )
+    async def create_alert(session_id: str, body: AlertRequest) -> JSONResponse:
+        """Add a standing question to a live session of this node (docs/api.md, "Standing
+        questions: alerts"). The webhook secret is in this answer only."""
+        session = await _alertable(session_id)
+        alert = await service.alerts.create(session, body)
+        return JSONResponse(
+            alert.to_json() | {"secret": alert.secret},
+            status_code=201,
+            headers={"Location": f"/v1/sessions/{session_id}/alerts/{alert.id}"},
+        )
+
+    @app.get("/v1/sessions/{session_id}/alerts", tags=["alerts"])
+    async def list_alerts(session_id: str) -> dict[str, Any]:
+        """The session's alerts: with their state on the node that holds the session, else
+        their definitions from Redis."""
+        alerts = service.alerts.alerts(session_id) if service.get(session_id) else None
+        if alerts is None:
+            await _record_or_404(session_id)
+            assert service.registry is not None
+            stored = await service.registry.load_alerts(session_id)
+            alerts = [AlertState.from_definition(session_id, d) for d in stored.values()]
+        return {"session_id": session_id, "alerts": [a.to_json() for a in alerts]}
+
+    @app.get(
+        "/v1/sessions/{session_id}/alerts/{alert_id}",
+        tags=["alerts"],
+        responses=error_responses(409, 410),
+    )
+    async def get_alert(session_id: str, alert_id: str) -> dict[str, Any]:
+        await _held_here(session_id)
+        return service.alerts.get(session_id, alert_id).to_json()
+
+    @app.delete(
+        "/v1/sessions/{session_id}/alerts/{alert_id}",
+        tags=["alerts"],
+        responses=error_responses(409, 410),
+    )
+    async def delete_alert(session_id: str, alert_id: str) -> dict[str, Any]:
+        """Remove an alert (its events stay in the session's stream)."""
+        session = await _held_here(session_id)
+        return (await service.alerts.delete(session, alert_id)).to_json()
+
+    @app.get("/v1/sessions/{session_id}/alert-events", tags=["alerts"])
+    async def alert_events(
+        session_id: str, count: int | None = Query(default=None, ge=1, le=10000)
+    ) -> dict[str, Any]:
+        """The session's alert events, oldest first (from its Redis Stream)."""
+        assert service.registry is not None
+        try:
+            events = await service.registry.alert_events(session_id, count=count)
+        except ValueError:  # not a well-formed id
+            events = []
+        if not events:
+            await _record_or_404(session_id)
+        return {"session_id": session_id, "events": events}
+
+    @app.get(
+        "/v1/sessions/{session_id}/alert-events/{event_id}/thumbnail",
+        tags=["alerts"],
+        response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}}, **error_responses(409, 410)},
+    )
+    async def alert_thumbnail(session_id: str, event_id: str) -> Response:
+        """The JPEG of the frame at the event's rising edge."""
+        await _held_here(session_id)
+        evidence = service.alerts.evidence(session_id, event_id)
+        if evidence.thumbnail is None:
+            raise ServiceError(404, "no_thumbnail", "no frame was kept at the event's moment")
+        return Response(
+            evidence.thumbnail,
+            media_type="image/jpeg",
+            headers={"X-LiveLens-Time": f"{evidence.rise:.3f}", "Cache-Control": "no-store"},
+        )
+
+    @app.get(
+        "/v1/sessions/{session_id}/alert-events/{event_id}/clip",
+        tags=["alerts"],
+        response_class=Response,
+        responses={200: {"content": {"video/mp4": {}}}, **error_responses(409, 410)},
+    )
+    async def alert_clip(session_id: str, event_id: str) -> Response:
+        """An MP4 of the sampled frames around the event's rising edge."""
+        await _held_here(session_id)
+        evidence = service.alerts.evidence(session_id, event_id)
+        if not evidence.frames:
+            raise ServiceError(404, "no_thumbnail", "no frame was kept around the event")
+        video = await asyncio.to_thread(encode_clip, dict(evidence.frames))
+        return Response(
+            video,
+            media_type="video/mp4",
+            headers={
+                "X-LiveLens-Clip-Complete": "true" if evidence.complete else "false",
+                "Cache-Control": "no-store",
+            },
+        )
+
+    async def _alertable(session_id: str) -> LiveSession:
+        session = await _held_here(session_id)
+        if session.state >= State.ENDED:
+            raise ServiceError(410, "session_ended", f"session {session_id} has ended")
+        return session
+
     # ----------------------------------------------------------------- keys
     @app.post(
         "/v1/sessions/{session_id}/ticket",
@@ -373,6 +490,8 @@ def create_app(
                             id=parsed.id, code="invalid_message", message=str(exc)
                         )
                         watcher.send(dump(refusal))
+                elif isinstance(parsed, WatchMessage | UnwatchMessage):
+                    await _alert_message(session, watcher, parsed)
                 elif not session.cancel(watcher, parsed.id):
                     watcher.send(
                         dump(
@@ -390,6 +509,28 @@ def create_app(
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
+
+    async def _alert_message(
+        session: LiveSession, watcher: Watcher, message: WatchMessage | UnwatchMessage
+    ) -> None:
+        try:
+            if isinstance(message, UnwatchMessage):
+                await service.alerts.delete(session, message.alert_id)
+                reply = {"type": "unwatched", "id": message.id, "alert_id": message.alert_id}
+            elif session.state >= State.ENDED:
+                raise AlertError(410, "session_ended", f"session {session.id} has ended")
+            else:
+                request = AlertRequest(**message.model_dump(exclude={"type", "id"}))
+                alert = await service.alerts.create(session, request)
+                reply = {
+                    "type": "watching",
+                    "id": message.id,
+                    "alert": alert.to_json(),
+                    "secret": alert.secret,
+                }
+        except AlertError as exc:
+            reply = dump(ErrorMessage(id=message.id, code=exc.code, message=exc.message))
+        watcher.send(reply)
 
     # Outermost, so no layer below ever holds more of a body than the limit.
     limits = service.config.limits

@@ -71,6 +71,15 @@ ROUTE_SCOPES: Final[dict[tuple[str, str], Need]] = {
     ("GET", "/v1/sessions/{session_id}/thumbnail"): Scope.READ,
     ("POST", "/v1/sessions/{session_id}/ticket"): Scope.READ,
     (WEBSOCKET, "/v1/sessions/{session_id}/ws"): Scope.READ,
+    # Standing questions are questions: the read scope (webhooks go only where the operator's
+    # allow-list lets them).
+    ("POST", "/v1/sessions/{session_id}/alerts"): Scope.READ,
+    ("GET", "/v1/sessions/{session_id}/alerts"): Scope.READ,
+    ("GET", "/v1/sessions/{session_id}/alerts/{alert_id}"): Scope.READ,
+    ("DELETE", "/v1/sessions/{session_id}/alerts/{alert_id}"): Scope.READ,
+    ("GET", "/v1/sessions/{session_id}/alert-events"): Scope.READ,
+    ("GET", "/v1/sessions/{session_id}/alert-events/{event_id}/thumbnail"): Scope.READ,
+    ("GET", "/v1/sessions/{session_id}/alert-events/{event_id}/clip"): Scope.READ,
     # Pulling a URL makes the server connect somewhere: admin, as are deletion and key reload.
     ("POST", "/v1/sessions"): Scope.ADMIN,
     ("DELETE", "/v1/sessions/{session_id}"): Scope.ADMIN,

@@ -309,6 +309,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="certificate authorities trusted for https:// and rtsps:// pull sources, e.g. a "
         "private CA (default $LIVELENS_SOURCE_CA_FILE; none = the default trust store)",
     )
+    serve.add_argument(
+        "--alert-webhook-allow",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]|CIDR",
+        help="a destination alert webhooks may be sent to; repeatable, also "
+        "$LIVELENS_ALERT_WEBHOOKS (comma-separated). Nothing is allowed by default",
+    )
+    serve.add_argument(
+        "--max-alerts-per-session",
+        type=int,
+        default=8,
+        help="standing questions (alerts) a session may have",
+    )
     # Tests on one machine publish over 127.0.0.1, which aioice does not gather by default.
     serve.add_argument("--allow-loopback-ice", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])

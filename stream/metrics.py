@@ -69,6 +69,21 @@ class Metrics:
         self.redis_connected = Gauge(
             "livelens_redis_connected", "1 when the registry reaches Redis", registry=r
         )
+        self.alert_evaluations = Counter(
+            "livelens_alert_evaluations",
+            "Standing-question evaluations: run, or skipped (DiffFP saw no change)",
+            ["result"],
+            registry=r,
+        )
+        self.alert_events = Counter(
+            "livelens_alert_events", "Alert events sent, by edge (rise, fall)", ["edge"], registry=r
+        )
+        self.webhook_deliveries = Counter(
+            "livelens_webhook_deliveries",
+            "Alert webhook deliveries by result (ok, failed)",
+            ["result"],
+            registry=r,
+        )
         self._kept = 0
         self._total = 0
 

@@ -73,12 +73,55 @@ class CancelMessage(_Strict):
     id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
 
 
-ClientMessage = Annotated[AskMessage | CancelMessage, Field(discriminator="type")]
-_client_adapter: TypeAdapter[AskMessage | CancelMessage] = TypeAdapter(ClientMessage)
-CLIENT_TYPES = ("ask", "cancel")
+MAX_CONDITION_CHARS = 300
+"""An alert's condition: one short sentence."""
+MAX_WEBHOOK_CHARS = 2048
 
 
-def parse_client_message(raw: str | bytes) -> AskMessage | CancelMessage:
+class AlertRequest(_Strict):
+    """A standing question on a session (docs/api.md, "Standing questions: alerts")."""
+
+    condition: str = Field(
+        description=f"1 to {MAX_CONDITION_CHARS} characters: a statement, or a yes/no question"
+    )
+    every: float = Field(default=1.0, ge=0.1, le=3600, description="media seconds")
+    cooldown: float = Field(default=10.0, ge=0, le=86400, description="media seconds")
+    threshold: float = Field(default=0.5, ge=0, le=1, description="confidence to become active")
+    hysteresis: float = Field(default=0.1, ge=0, le=0.5, description="inactive below threshold-h")
+    webhook: str | None = Field(
+        default=None,
+        max_length=MAX_WEBHOOK_CHARS,
+        description="http(s) URL the operator allowed (--alert-webhook-allow)",
+    )
+
+
+class WatchMessage(AlertRequest):
+    """Create an alert over the websocket (as POST /v1/sessions/{id}/alerts)."""
+
+    type: Literal["watch"]
+    id: str = Field(min_length=1, max_length=MAX_ID_CHARS, description="chosen by the client")
+
+
+class UnwatchMessage(_Strict):
+    """Remove an alert of the session."""
+
+    type: Literal["unwatch"]
+    id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    alert_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+
+
+ClientMessage = Annotated[
+    AskMessage | CancelMessage | WatchMessage | UnwatchMessage, Field(discriminator="type")
+]
+_client_adapter: TypeAdapter[AskMessage | CancelMessage | WatchMessage | UnwatchMessage] = (
+    TypeAdapter(ClientMessage)
+)
+CLIENT_TYPES = ("ask", "cancel", "watch", "unwatch")
+
+
+def parse_client_message(
+    raw: str | bytes,
+) -> AskMessage | CancelMessage | WatchMessage | UnwatchMessage:
     """Parse one websocket message, or raise ProtocolError with a stable code.
 
     Size and nesting depth are checked before the JSON parser runs, and every string must be

@@ -86,6 +86,22 @@ def history_key(session_id: str) -> str:
     return f"{KEY_PREFIX}:history:{validate_session_id(session_id)}"
 
 
+def alerts_key(session_id: str) -> str:
+    """Key of a session's alert definitions (hash: alert id -> JSON)."""
+    return f"{KEY_PREFIX}:alerts:{validate_session_id(session_id)}"
+
+
+def alert_events_key(session_id: str) -> str:
+    """Key of a session's alert events stream (for consumers that XREAD it)."""
+    return f"{KEY_PREFIX}:alert-events:{validate_session_id(session_id)}"
+
+
+MAX_ALERT_EVENTS = 10000
+"""Alert events a session's stream keeps (approximately: XADD MAXLEN ~)."""
+MAX_PENDING_ALERT_EVENTS = 1000
+"""Alert events a session buffers while Redis is unreachable (the oldest are dropped)."""
+
+
 def utc_now() -> str:
     """Current time as ISO-8601 UTC with milliseconds, the format of created/updated."""
     return datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -205,6 +221,12 @@ class _Local:
     """time.time() when the session reached a final state."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Serialises this session's Redis writes, so they land in the order they were made."""
+    alerts: dict[str, str] | None = None
+    """The session's alert definitions (id -> JSON) once changed here; None: never touched."""
+    alerts_dirty: bool = False
+    """The definitions changed while Redis was unreachable: rewritten whole on reconnection."""
+    alert_events: deque[str] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_ALERT_EVENTS))
+    """Alert events (JSON) not yet in Redis, in order (bounded: the oldest are dropped)."""
 
     @property
     def live(self) -> bool:
@@ -475,6 +497,106 @@ class Registry:
             entries = entries[-count:]
         return [e.to_dict() for e in entries]
 
+    # ------------------------------------------------------------------------------- alerts
+
+    async def save_alerts(self, session_id: str, alerts: dict[str, dict[str, Any]]) -> None:
+        """Replace a held session's alert definitions (id -> JSON-able definition)."""
+        local = self._held(session_id)
+        local.alerts = {
+            alert_id: json.dumps(d, separators=(",", ":"), allow_nan=False)
+            for alert_id, d in alerts.items()
+        }
+        async with local.lock:
+            local.alerts_dirty = True
+            if self._online and self._client is not None:
+                try:
+                    await self._write_alerts(self._client, local)
+                except _REDIS_ERRORS as exc:
+                    self._go_offline(exc)
+
+    async def load_alerts(self, session_id: str) -> dict[str, dict[str, Any]]:
+        """A session's alert definitions: this node's copy if it changed them, else Redis's
+        ({} when Redis is unreachable)."""
+        local = self._local.get(validate_session_id(session_id))
+        if local is not None and local.alerts is not None:
+            return {k: json.loads(v) for k, v in local.alerts.items()}
+        if not self._online or self._client is None:
+            return {}
+        try:
+            fields = await self._client.hgetall(alerts_key(session_id))
+        except _REDIS_ERRORS as exc:
+            self._go_offline(exc)
+            return {}
+        found: dict[str, dict[str, Any]] = {}
+        for alert_id, data in fields.items():
+            try:
+                found[alert_id] = json.loads(data)
+            except ValueError:
+                logger.warning("session %s: unreadable alert %s in redis", session_id, alert_id)
+        return found
+
+    async def append_alert_event(self, session_id: str, event: dict[str, Any]) -> None:
+        """Add an event to a held session's alert stream (buffered while Redis is down)."""
+        local = self._held(session_id)
+        data = json.dumps(event, separators=(",", ":"), allow_nan=False)
+        async with local.lock:
+            local.alert_events.append(data)
+            if self._online and self._client is not None:
+                try:
+                    await self._flush_alert_events(self._client, local)
+                except _REDIS_ERRORS as exc:
+                    self._go_offline(exc)
+
+    async def alert_events(
+        self, session_id: str, *, count: int | None = None
+    ) -> list[dict[str, Any]]:
+        """A session's alert events, oldest first, each with its stream "id"; `count` keeps the
+        most recent. While Redis is unreachable: this node's unwritten ones."""
+        validate_session_id(session_id)
+        if count is not None and count <= 0:
+            return []
+        if self._online and self._client is not None:
+            key = alert_events_key(session_id)
+            try:
+                if count is None:
+                    rows = await self._client.xrange(key)
+                else:
+                    rows = list(reversed(await self._client.xrevrange(key, count=count)))
+            except _REDIS_ERRORS as exc:
+                self._go_offline(exc)
+            else:
+                return [
+                    {"id": stream_id, **json.loads(fields["event"])}
+                    for stream_id, fields in rows
+                    if "event" in fields
+                ]
+        local = self._local.get(session_id)
+        if local is None:
+            return []
+        pending = list(local.alert_events)[-count:] if count else list(local.alert_events)
+        return [{"id": f"local-{i}", **json.loads(data)} for i, data in enumerate(pending)]
+
+    async def _write_alerts(self, client: aioredis.Redis, local: _Local) -> None:
+        key = alerts_key(local.record.id)
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            if local.alerts:
+                pipe.hset(key, mapping=local.alerts)
+                pipe.pexpire(key, self._retention_ms(local))
+            await pipe.execute()
+        local.alerts_dirty = False
+
+    async def _flush_alert_events(self, client: aioredis.Redis, local: _Local) -> None:
+        if not local.alert_events:
+            return
+        key = alert_events_key(local.record.id)
+        async with client.pipeline(transaction=True) as pipe:
+            for data in local.alert_events:
+                pipe.xadd(key, {"event": data}, maxlen=MAX_ALERT_EVENTS, approximate=True)
+            pipe.pexpire(key, self._retention_ms(local))
+            await pipe.execute()
+        local.alert_events.clear()
+
     # -------------------------------------------------------------------------------- close
 
     async def close(self) -> None:
@@ -534,7 +656,10 @@ class Registry:
         return max(1, int(left * 1000))
 
     def _unsynced(self) -> bool:
-        return any(local.pending or local.dirty for local in self._local.values())
+        return any(
+            local.pending or local.dirty or local.alerts_dirty or local.alert_events
+            for local in self._local.values()
+        )
 
     def _go_offline(self, exc: BaseException) -> None:
         """Switch to buffering after a Redis failure; the background task retries."""
@@ -572,6 +697,8 @@ class Registry:
             pipe.pexpire(key, int(self.ttl_s * 1000) if local.live else retention)
             pipe.zadd(INDEX_KEY, {record.id: _epoch(record.created)})
             pipe.pexpire(history_key(record.id), retention)
+            pipe.pexpire(alerts_key(record.id), retention)
+            pipe.pexpire(alert_events_key(record.id), retention)
             await pipe.execute()
         local.dirty = False
 
@@ -592,6 +719,8 @@ class Registry:
             if session_id in self._local
             and not self._local[session_id].pending
             and not self._local[session_id].dirty
+            and not self._local[session_id].alerts_dirty
+            and not self._local[session_id].alert_events
         ]
         for session_id in clean[: max(0, len(clean) - self.keep_ended)]:
             del self._local[session_id]
@@ -670,7 +799,11 @@ class Registry:
             todo = [
                 (session_id, local)
                 for session_id, local in self._local.items()
-                if session_id not in done or local.pending or local.dirty
+                if session_id not in done
+                or local.pending
+                or local.dirty
+                or local.alerts_dirty
+                or local.alert_events
             ]
             if not todo:
                 break
@@ -683,6 +816,9 @@ class Registry:
                         registered += 1
                     if local.pending or (first and fresh and local.mirror):
                         flushed += await self._flush_history(client, local, resend=first and fresh)
+                    if local.alerts_dirty or (fresh and local.alerts):
+                        await self._write_alerts(client, local)
+                    await self._flush_alert_events(client, local)
         self._run_id = run_id
         self._online = True
         self._wake.clear()

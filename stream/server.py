@@ -18,6 +18,7 @@ import uvicorn
 if TYPE_CHECKING:
     from livelens.stream.service import LiveService
     from livelens.stream.sources.policy import SourcePolicy
+    from livelens.stream.webhooks import WebhookPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,11 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
 
         raise UsageError(f"--kv-budget: {exc}") from None
     sources = source_policy(args)
+    webhooks = webhook_policy(args)
+    if args.max_alerts_per_session < 0:
+        from livelens.stream.cli import UsageError
+
+        raise UsageError(f"--max-alerts-per-session out of range: {args.max_alerts_per_session}")
     redis_url = None if args.redis_url.lower() in ("", "none") else args.redis_url
 
     loaded = load_model(args.model, device=args.device)
@@ -142,6 +148,8 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         pull=PullConfig(give_up_after_s=give_up),
         limits=limits,
         sources=sources,
+        webhooks=webhooks,
+        max_alerts_per_session=args.max_alerts_per_session,
     )
     whip = WhipSettings(
         allow_loopback=args.allow_loopback_ice,
@@ -175,6 +183,19 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             server.run()
     return 0 if server.started else 3  # 3: uvicorn's status for a failed start-up
+
+
+def webhook_policy(args: argparse.Namespace) -> WebhookPolicy:
+    """Where alert webhooks may go: --alert-webhook-allow and $LIVELENS_ALERT_WEBHOOKS."""
+    from livelens.stream.cli import UsageError
+    from livelens.stream.sources.policy import parse_allow_list
+    from livelens.stream.webhooks import WebhookPolicy
+
+    values = [*args.alert_webhook_allow, os.environ.get("LIVELENS_ALERT_WEBHOOKS", "")]
+    try:
+        return WebhookPolicy(allow=parse_allow_list(values))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def source_policy(args: argparse.Namespace) -> SourcePolicy:

@@ -22,6 +22,7 @@ from livelens.model.engine import Engine, EngineConfig
 from livelens.model.kv import DEFAULT_KV_BUDGET
 from livelens.model.runner import ModelRunner
 from livelens.model.scheduler import Refusal, Refused
+from livelens.stream.alerts import DEFAULT_MAX_ALERTS, AlertManager
 from livelens.stream.errors import SourceError
 from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, MIN_TOKENS_PER_FRAME
 from livelens.stream.lifecycle import EndCode
@@ -39,6 +40,7 @@ from livelens.stream.sources.file import DecodedFrame
 from livelens.stream.sources.policy import PullTarget, SourcePolicy, SourceRefused, operator_target
 from livelens.stream.sources.pull import PullConfig, PullSource, SourceEvent
 from livelens.stream.thumbnails import DEFAULT_CAPACITY
+from livelens.stream.webhooks import WebhookPolicy, WebhookSender
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,9 @@ class ServiceConfig:
     """Sessions held, questions queued, retention of ended sessions (and the HTTP limits)."""
     sources: SourcePolicy = field(default_factory=SourcePolicy)
     """Where network-given pull sources may lead (hosts, local files, trusted CAs)."""
+    webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)
+    """Where alert webhooks may be sent (nothing by default)."""
+    max_alerts_per_session: int = DEFAULT_MAX_ALERTS
 
     def __post_init__(self) -> None:
         # Refused here rather than as an "unsupported frame size" ending every session.
@@ -99,6 +104,10 @@ class ServiceConfig:
             )
         if not self.stall_after_s > 0:
             raise ValueError(f"stall_after_s must be > 0, got {self.stall_after_s}")
+        if self.max_alerts_per_session < 0:
+            raise ValueError(
+                f"max_alerts_per_session must be >= 0, got {self.max_alerts_per_session}"
+            )
         if self.limits.max_held_sessions < self.max_sessions:
             raise ValueError(
                 f"limits.max_held_sessions ({self.limits.max_held_sessions}) must be >= "
@@ -142,6 +151,14 @@ class LiveService:
         """By session kind: how to stop a push source, closer(session_id, reason)."""
         self.draining = False
         """Set by drain(): no new sessions or questions are admitted."""
+        self._alerts: AlertManager | None = None
+        self._webhooks: WebhookSender | None = None
+
+    @property
+    def alerts(self) -> AlertManager:
+        if self._alerts is None:
+            raise RuntimeError("the service has not started")
+        return self._alerts
 
     @property
     def engine(self) -> Engine:
@@ -182,6 +199,15 @@ class LiveService:
             ),
         )
         self._engine.start()
+        self._webhooks = WebhookSender(self.config.webhooks)
+        await self._webhooks.start()
+        self._alerts = AlertManager(
+            registry=self.registry,
+            webhooks=self.config.webhooks,
+            sender=self._webhooks,
+            max_alerts=self.config.max_alerts_per_session,
+            metrics=self.metrics,
+        )
         self._status_task = asyncio.create_task(self._status_loop(), name="livelens-status")
 
     async def drain(self, timeout_s: float) -> None:
@@ -227,6 +253,8 @@ class LiveService:
             await self._sync_record(session)
         if self._engine is not None:
             await asyncio.to_thread(self._engine.stop)
+        if self._webhooks is not None:
+            await self._webhooks.close()
         if self.registry is not None:
             await self.registry.close()
 
@@ -287,9 +315,17 @@ class LiveService:
             metrics=self.metrics,
         )
         self.sessions[session.id] = session
-        self._spawn(self.registry.register(self._record(session)))
+        self._spawn(self._register(session))
         logger.info("session %s opened (%s: %s)", session.id, kind, source)
         return session
+
+    async def _register(self, session: LiveSession) -> None:
+        """Publish a new session, then give it back the alerts Redis keeps for its id."""
+        assert self.registry is not None
+        await self.registry.register(self._record(session))
+        restored = await self.alerts.restore(session)
+        if restored:
+            logger.info("session %s: %d alerts restored from redis", session.id, restored)
 
     def _admit(self, session_id: str) -> None:
         """Promise the session its minimum of KV blocks, or refuse it with 503.
@@ -337,6 +373,7 @@ class LiveService:
         history. Its source was stopped when it ended (_stop_source)."""
         logger.info("session %s freed: %s", session.id, why)
         self.sessions.pop(session.id, None)
+        self.alerts.forget(session.id)
         session.release_model()
 
     async def open_pull(
@@ -442,6 +479,8 @@ class LiveService:
         reason = "deleted through the API"
         session.finish(reason, code=EndCode.DELETED)
         await self._stop_source(session, reason)
+        self.alerts.session_ended(session)
+        self.alerts.forget(session_id)
         session.release_model()
         await asyncio.sleep(0)
         await self._sync_record(session)
@@ -495,6 +534,8 @@ class LiveService:
     def _state_changed(self, session: LiveSession) -> None:
         self._spawn(self._sync_record(session))
         if session.state >= State.ENDED:
+            if self._alerts is not None:
+                self._alerts.session_ended(session)
             self._spawn(self._stop_source(session, session.reason or "session ended"))
 
     async def _sync_record(self, session: LiveSession) -> None:
