@@ -129,7 +129,7 @@ class SourcePolicy:
 
     def __post_init__(self) -> None:
         for entry in self.allow:
-            _parse_allow(entry)  # ValueError for a malformed entry, at start-up
+            parse_allow(entry)  # ValueError for a malformed entry, at start-up
         if self.media_root is not None and not Path(self.media_root).is_dir():
             raise ValueError(f"media root {self.media_root} is not a directory")
         if self.ca_file is not None and not Path(self.ca_file).is_file():
@@ -149,12 +149,12 @@ class SourcePolicy:
     def _network(self, parts: SplitResult) -> PullTarget:
         host = parts.hostname or ""
         name = mask_url(parts.geturl())
-        addresses = _resolve(host, parts.port)
+        addresses = resolve(host, parts.port)
         if not addresses:
             raise self._refused(name, f"cannot resolve {host!r}")
-        allowed = _allowed(self.allow, host)
+        permitted = allowed(self.allow, host)
         for address in addresses:
-            if not (_public(address) or allowed(address)):
+            if not (_public(address) or permitted(address)):
                 raise self._refused(
                     name,
                     f"{host} resolves to {address}, which is not public; allow it with "
@@ -305,7 +305,7 @@ def _is_ip(host: str) -> bool:
     return "%" not in host  # a scoped IPv6 address (fe80::1%eth0) is not accepted
 
 
-def _resolve(host: str, port: int | None) -> list[Address]:
+def resolve(host: str, port: int | None) -> list[Address]:
     """Every address of `host`, in the resolver's order; [] if it does not resolve."""
     if _is_ip(host):
         return [_unmapped(ipaddress.ip_address(host))]
@@ -335,7 +335,7 @@ def _public(address: Address) -> bool:
     return address.is_global and not address.is_multicast
 
 
-def _parse_allow(entry: str) -> Network | str:
+def parse_allow(entry: str) -> Network | str:
     """An --allow-source entry: a network (an address is a /32 or /128) or a host name."""
     try:
         return ipaddress.ip_network(entry.strip(), strict=False)
@@ -347,9 +347,9 @@ def _parse_allow(entry: str) -> Network | str:
     return host
 
 
-def _allowed(entries: Iterable[str], host: str) -> Callable[[Address], bool]:
+def allowed(entries: Iterable[str], host: str) -> Callable[[Address], bool]:
     """A predicate on addresses: allowed by one of the operator's entries for this host?"""
-    parsed = [_parse_allow(e) for e in entries]
+    parsed = [parse_allow(e) for e in entries]
     if host.rstrip(".") in parsed:
         return lambda address: True
     networks = [p for p in parsed if not isinstance(p, str)]
@@ -360,5 +360,5 @@ def parse_allow_list(values: Iterable[str]) -> tuple[str, ...]:
     """Flag and env values, each possibly comma-separated, as policy entries (validated)."""
     entries = tuple(e.strip() for value in values for e in value.split(",") if e.strip())
     for entry in entries:
-        _parse_allow(entry)
+        parse_allow(entry)
     return entries
