@@ -24,6 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import av
@@ -35,7 +36,13 @@ from livelens.model.qa import standing_question
 from livelens.model.sampling import SessionError
 from livelens.stream.live import LiveSession, iso
 from livelens.stream.protocol import MAX_CONDITION_CHARS, AlertRequest
-from livelens.stream.webhooks import DeliveryResult, WebhookPolicy, WebhookRefused, WebhookSender
+from livelens.stream.webhooks import (
+    DeliveryResult,
+    WebhookPolicy,
+    WebhookRefused,
+    WebhookSender,
+    new_secret,
+)
 
 if TYPE_CHECKING:
     from livelens.stream.registry import Registry
@@ -213,7 +220,7 @@ def encode_clip(frames: dict[float, bytes]) -> bytes:
     with av.open(out, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=30)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.time_base = av.Fraction(1, 1000)
+        stream.time_base = Fraction(1, 1000)
         start = times[0]
         last = -1
         for t, image in zip(times, images, strict=True):
@@ -471,10 +478,6 @@ def _delivered(alert: AlertState, metrics: Any) -> Callable[[DeliveryResult], No
             metrics.webhook_deliveries.labels("ok" if result.ok else "failed").inc()
 
     return record
-
-
-def new_secret() -> str:
-    return secrets.token_urlsafe(32)
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:

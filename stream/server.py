@@ -188,12 +188,11 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
 def webhook_policy(args: argparse.Namespace) -> WebhookPolicy:
     """Where alert webhooks may go: --alert-webhook-allow and $LIVELENS_ALERT_WEBHOOKS."""
     from livelens.stream.cli import UsageError
-    from livelens.stream.sources.policy import parse_allow_list
-    from livelens.stream.webhooks import WebhookPolicy
+    from livelens.stream.webhooks import WebhookPolicy, parse_webhook_allow_list
 
     values = [*args.alert_webhook_allow, os.environ.get("LIVELENS_ALERT_WEBHOOKS", "")]
     try:
-        return WebhookPolicy(allow=parse_allow_list(values))
+        return WebhookPolicy(allow=parse_webhook_allow_list(values))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

@@ -69,7 +69,12 @@ def test_edges_have_hysteresis_and_a_cooldown() -> None:
     # so is its fall; after the cooldown it is an event again.
     alert = _alert()
     confidences = [0.9, 0.1, 0.9, 0.1] + [0.1] * 8 + [0.9, 0.1]
-    assert _feed(alert, confidences) == [(0.0, "rise"), (1.0, "fall"), (12.0, "rise"), (13.0, "fall")]
+    assert _feed(alert, confidences) == [
+        (0.0, "rise"),
+        (1.0, "fall"),
+        (12.0, "rise"),
+        (13.0, "fall"),
+    ]
     assert alert.suppressed == 1 and alert.evaluations == len(confidences)
     # Skipped evaluations count apart and carry the previous confidence.
     alert = _alert()
@@ -92,7 +97,7 @@ class Receiver:
         received = self.received = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 received.append((dict(self.headers), body))
                 self.send_response(204)
@@ -146,7 +151,11 @@ def test_an_alert_fires_with_evidence_over_every_channel(
         with client.websocket_connect(f"/v1/sessions/{sid}/ws", headers=AUTH) as ws:
             created = client.post(
                 f"/v1/sessions/{sid}/alerts",
-                json={"condition": "a red ball is visible", "threshold": 0.0, "webhook": receiver.url},
+                json={
+                    "condition": "a red ball is visible",
+                    "threshold": 0.0,
+                    "webhook": receiver.url,
+                },
                 headers=AUTH,
             )
             assert created.status_code == 201, created.text
@@ -183,24 +192,23 @@ def test_an_alert_fires_with_evidence_over_every_channel(
 
         # The session ends: the active alert falls at its last frame; the stream has both.
         wait_for(lambda: service.sessions[sid].state.label == "ended", timeout=30)
-        events = wait_for(
-            lambda: [
-                e
-                for e in client.get(f"/v1/sessions/{sid}/alert-events", headers=AUTH).json()[
-                    "events"
-                ]
-                if e["event_id"] == event["event_id"]
-            ]
-            if len(client.get(f"/v1/sessions/{sid}/alert-events", headers=AUTH).json()["events"])
-            >= 2
-            else None
-        )
+
+        def both_edges():
+            listed = client.get(f"/v1/sessions/{sid}/alert-events", headers=AUTH).json()
+            mine = [e for e in listed["events"] if e["event_id"] == event["event_id"]]
+            return mine if len(mine) == 2 else None
+
+        events = wait_for(both_edges)
         assert [e["edge"] for e in events] == ["rise", "fall"]
         assert events[1]["ended"] >= events[0]["started"]
         listed = client.get(f"/v1/sessions/{sid}/alerts", headers=AUTH).json()["alerts"]
         by_id = {a["id"]: a for a in listed}
         assert by_id[alert["id"]]["events"] == 1 and by_id[alert["id"]]["evaluations"] >= 1
-        assert by_id[alert["id"]]["webhook_deliveries"] == 1
+        assert wait_for(lambda: receiver.received[1:])  # the fall went out too
+        assert json.loads(receiver.received[1][1])["edge"] == "fall"
+        listed = client.get(f"/v1/sessions/{sid}/alerts", headers=AUTH).json()["alerts"]
+        by_id = {a["id"]: a for a in listed}
+        assert by_id[alert["id"]]["webhook_deliveries"] == 2
         assert by_id[never["id"]]["events"] == 0 and by_id[never["id"]]["evaluations"] >= 1
         assert "secret" not in by_id[alert["id"]]
         metrics = client.get("/metrics").text
@@ -230,7 +238,9 @@ def test_bad_alert_requests_get_clear_errors(tiny_model, clip, redis_server) -> 
         assert client.post(url, json={"condition": "a"}, headers=AUTH).status_code == 201
         assert client.post(url, json={"condition": "b"}, headers=AUTH).status_code == 201
         refused({"condition": "c"}, 409, "too_many_alerts")
-        unknown = client.post("/v1/sessions/" + "0" * 32 + "/alerts", json={"condition": "a"}, headers=AUTH)
+        unknown = client.post(
+            "/v1/sessions/" + "0" * 32 + "/alerts", json={"condition": "a"}, headers=AUTH
+        )
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_session"
         gone = client.delete(f"{url}/al_000000000000", headers=AUTH)
         assert gone.status_code == 404 and gone.json()["error"]["code"] == "unknown_alert"
@@ -269,8 +279,9 @@ def test_definitions_survive_a_restart(tiny_model, clip, redis_server) -> None:
         ).json()
     with running_app(ModelRunner(tiny_model), config, token=TOKEN, on_start=open_camera) as (
         client,
-        service,
+        _,
     ):
+
         def evaluated():
             listed = client.get("/v1/sessions/cam-1/alerts", headers=AUTH).json()["alerts"]
             return listed if listed and listed[0]["evaluations"] >= 1 else None
