@@ -119,7 +119,7 @@ class _Entry:
         return self.port is None or self.port == port
 
 
-def parse_entry(entry: str) -> _Entry:
+def _parse_entry(entry: str) -> _Entry:
     """An --alert-webhook-allow entry: `HOST[:PORT]` (a name, an IPv4 address, a bracketed
     IPv6 address: `[::1]:8080`) or a CIDR (any port). ValueError when malformed."""
     text = entry.strip()
@@ -150,7 +150,7 @@ def parse_webhook_allow_list(values: Iterable[str]) -> tuple[str, ...]:
     """Flag and env values, each possibly comma-separated, as policy entries (validated)."""
     entries = tuple(e.strip() for value in values for e in value.split(",") if e.strip())
     for entry in entries:
-        parse_entry(entry)
+        _parse_entry(entry)
     return entries
 
 
@@ -170,7 +170,7 @@ class WebhookPolicy:
 
     def __post_init__(self) -> None:
         for entry in self.allow:
-            parse_entry(entry)  # ValueError for a malformed entry, at start-up
+            _parse_entry(entry)  # ValueError for a malformed entry, at start-up
 
     def check(self, url: str) -> WebhookTarget:
         """The target of a webhook URL; WebhookRefused otherwise. Resolves DNS (blocks)."""
@@ -178,7 +178,7 @@ class WebhookPolicy:
         host = parts.hostname or ""
         port = parts.port or SCHEMES[parts.scheme]
         shown = _shown(parts)
-        entries = [e for e in map(parse_entry, self.allow) if e.applies_to(port)]
+        entries = [e for e in map(_parse_entry, self.allow) if e.applies_to(port)]
         names = [e.host for e in entries if isinstance(e.host, str)]
         networks = [e.host for e in entries if not isinstance(e.host, str)]
         # A name that no entry can match is refused before any DNS query is made for it.
@@ -229,8 +229,12 @@ def _parse(url: str) -> SplitResult:
 
 
 def _shown(parts: SplitResult) -> str:
-    """The URL rebuilt from its parts, for the target and the log."""
-    url = f"{parts.scheme}://{parts.netloc}{parts.path or '/'}"
+    """The URL rebuilt from its parts (host lower-cased), for the target and the log."""
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    url = f"{parts.scheme}://{netloc}{parts.path or '/'}"
     return f"{url}?{parts.query}" if parts.query else url
 
 
@@ -378,6 +382,9 @@ class WebhookSender:
             delivery = await self._queue.get()
             try:
                 result = await self._deliver(delivery)
+            except Exception:  # a bug here must not cost the service a worker
+                logger.exception("webhook delivery crashed")
+                result = DeliveryResult(ok=False, attempts=0, status=None, error="internal error")
             finally:
                 self._queue.task_done()
             _report(delivery.on_result, result)

@@ -4,9 +4,11 @@ timeouts, the queue bound, and the destination policy (allow-list, ports, DNS, U
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
 import hmac
 import http.server
+import ipaddress
 import json
 import ssl
 import threading
@@ -15,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from media_servers import self_signed_certificate, tls_context
+from media_servers import tls_context
 
-from livelens.stream.sources.policy import SourcePolicy
+from livelens.stream import webhooks
+from livelens.stream.sources.policy import Address, SourcePolicy
 from livelens.stream.webhooks import (
     BAD_WEBHOOK,
     NOT_ALLOWED,
@@ -128,6 +131,58 @@ def deliver(
     return asyncio.run(scenario())
 
 
+@pytest.fixture
+def fake_dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[list[str]]]:
+    """Names under .test resolve to the addresses listed for them, one list per lookup (the
+    last one repeats); other names go to the real resolver."""
+    answers: dict[str, list[list[str]]] = {}
+    real = webhooks.resolve
+
+    def resolve(host: str, port: int | None) -> list[Address]:
+        if host not in answers:
+            return real(host, port)
+        queue = answers[host]
+        now = queue.pop(0) if len(queue) > 1 else queue[0]
+        return [ipaddress.ip_address(a) for a in now]
+
+    monkeypatch.setattr(webhooks, "resolve", resolve)
+    return answers
+
+
+def certificate_for(name: str, folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate valid for the DNS name `name` only (no IP address in it)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
 def fast(policy: WebhookPolicy, **kwargs: Any) -> WebhookSender:
     options: dict[str, Any] = {"backoff_s": 0.01, "timeout_s": 2.0} | kwargs
     return WebhookSender(policy, **options)
@@ -230,6 +285,12 @@ def test_policy_is_checked_again_at_each_attempt(server: HookServer) -> None:
     assert server.requests == []
 
 
+def test_a_malformed_url_is_not_retried() -> None:
+    result = deliver(fast(WebhookPolicy(allow=("127.0.0.1",))), "ftp://127.0.0.1/x")
+    assert result.ok is False and result.attempts == 1 and result.status is None
+    assert result.error is not None and result.error.startswith("the webhook must be")
+
+
 def test_queue_bound(server: HookServer) -> None:
     server.hang = True
     sender = fast(loopback(server), max_queue=1, concurrency=1, timeout_s=5.0)
@@ -277,26 +338,43 @@ def test_a_failing_callback_does_not_kill_the_worker(
     assert "webhook result callback failed" in caplog.text
 
 
-def test_https_goes_to_the_checked_address_with_the_name_for_tls(tmp_path: Path) -> None:
-    """`https://localhost:PORT`: the connection goes to 127.0.0.1, the certificate is verified
-    for the name localhost (SNI), and the Host header carries the name."""
-    cert, key = self_signed_certificate(tmp_path)
+def test_https_goes_to_the_checked_address_with_the_name_for_tls(
+    tmp_path: Path, fake_dns: dict[str, list[list[str]]]
+) -> None:
+    """`https://hooks.test:PORT` (a name no real DNS knows) reaches the server at 127.0.0.1,
+    the certificate (valid for hooks.test only, not for the IP) is verified for the name (SNI),
+    and the Host header carries the name."""
+    fake_dns["hooks.test"] = [["127.0.0.1"]]
+    cert, key = certificate_for("hooks.test", tmp_path)
     trust = ssl.create_default_context(cafile=str(cert))
     hook = HookServer(tls=tls_context(cert, key))
     try:
-        sender = fast(WebhookPolicy(allow=("localhost",)), verify=trust)
-        result = deliver(sender, hook.url(host="localhost"))
+        policy = WebhookPolicy(allow=("127.0.0.0/8",))
+        result = deliver(fast(policy, verify=trust), hook.url(host="hooks.test"))
         assert result == DeliveryResult(ok=True, attempts=1, status=204, error=None)
-        assert hook.requests[0].headers["Host"] == f"localhost:{hook.port}"
+        assert hook.requests[0].headers["Host"] == f"hooks.test:{hook.port}"
         # Without trusting that certificate the same delivery fails: TLS is really verified.
-        untrusted = fast(WebhookPolicy(allow=("localhost",)), attempts=1)
-        failed = deliver(untrusted, hook.url(host="localhost"))
+        failed = deliver(fast(policy, attempts=1), hook.url(host="hooks.test"))
         assert failed == DeliveryResult(
             ok=False, attempts=1, status=None, error="connection failed"
         )
         assert len(hook.requests) == 1
     finally:
         hook.stop()
+
+
+def test_each_attempt_resolves_and_checks_again(
+    server: HookServer, fake_dns: dict[str, list[list[str]]]
+) -> None:
+    """DNS rebinding between attempts: the lookup that gives a forbidden address costs an
+    attempt and contacts nobody; the next one, allowed again, delivers."""
+    server.fail = 1
+    fake_dns["hooks.test"] = [["127.0.0.1"], ["169.254.169.254"], ["127.0.0.1"]]
+    sender = fast(WebhookPolicy(allow=("127.0.0.0/8",)))
+    result = deliver(sender, server.url(host="hooks.test"))
+    assert result == DeliveryResult(ok=True, attempts=3, status=204, error=None)
+    assert len(server.requests) == 2
+    assert all(r.headers["Host"] == f"hooks.test:{server.port}" for r in server.requests)
 
 
 # --- policy ----------------------------------------------------------------------------------
@@ -342,7 +420,8 @@ def test_port_in_the_entry_limits_the_port() -> None:
 def test_a_name_passes_only_if_all_its_addresses_are_allowed() -> None:
     """The rule: a name entry allows what that exact name resolves to; a name not listed passes
     only when every one of its addresses is inside a listed network."""
-    by_name = WebhookPolicy(allow=("localhost",)).check("http://LOCALHOST:8000/")
+    by_name = WebhookPolicy(allow=("localhost",)).check("http://LOCALHOST:8000/A?B")
+    assert by_name.url == "http://localhost:8000/A?B"
     assert by_name.host == "localhost" and all(a.is_loopback for a in by_name.addresses)
     assert by_name.is_named and by_name.host_header == "localhost:8000"
     by_network = WebhookPolicy(allow=("127.0.0.0/8", "::1/128")).check("http://localhost:8000/")
@@ -357,20 +436,11 @@ def test_a_name_passes_only_if_all_its_addresses_are_allowed() -> None:
 
 
 def test_an_address_outside_the_networks_of_a_name_refuses_it(
-    monkeypatch: pytest.MonkeyPatch,
+    fake_dns: dict[str, list[list[str]]],
 ) -> None:
-    """One resolved address outside the allowed networks refuses the name (DNS rebinding)."""
-    import livelens.stream.webhooks as webhooks
-
-    real = webhooks.resolve
-    fake = {"hooks.test": ["10.1.2.3", "169.254.169.254"], "ok.test": ["10.1.2.3", "10.9.9.9"]}
-
-    def resolve(host: str, port: int | None):
-        if host in fake:
-            return [webhooks.ipaddress.ip_address(a) for a in fake[host]]
-        return real(host, port)
-
-    monkeypatch.setattr(webhooks, "resolve", resolve)
+    """One resolved address outside the allowed networks refuses the name."""
+    fake_dns["hooks.test"] = [["10.1.2.3", "169.254.169.254"]]
+    fake_dns["ok.test"] = [["10.1.2.3", "10.9.9.9"]]
     policy = WebhookPolicy(allow=("10.0.0.0/8",))
     assert _refused(policy, "http://hooks.test/") == NOT_ALLOWED
     assert [str(a) for a in policy.check("http://ok.test/").addresses] == ["10.1.2.3", "10.9.9.9"]
