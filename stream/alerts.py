@@ -42,6 +42,7 @@ from livelens.stream.webhooks import (
     WebhookRefused,
     WebhookSender,
     new_secret,
+    redact_webhook,
 )
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ class AlertState:
             "cooldown": self.cooldown,
             "threshold": self.threshold,
             "hysteresis": self.hysteresis,
-            "webhook": self.webhook,
+            "webhook": None if self.webhook is None else redact_webhook(self.webhook),
             "created": self.created,
             "active": self.active,
             "confidence": self.confidence,

@@ -224,7 +224,7 @@ def _parse(url: str) -> SplitResult:
             if parts is not None and "@" not in parts.netloc:
                 return parts
             detail = "the URL has a user name or password"
-    logger.info("refused webhook %r: %s", url[:200], detail)
+    logger.info("refused webhook %r: %s", redact_webhook(url[:200]), detail)
     raise WebhookRefused(BAD_WEBHOOK, _BAD_MESSAGE, detail)
 
 
@@ -238,8 +238,20 @@ def _shown(parts: SplitResult) -> str:
     return f"{url}?{parts.query}" if parts.query else url
 
 
+def redact_webhook(url: str) -> str:
+    """A webhook URL as logs and the API show it: scheme, host and port; a path or query
+    (which often carries the receiver's own token) becomes "/…"."""
+    head, sep, rest = url.partition("://")
+    if not sep:
+        return "…"
+    netloc, slash, tail = rest.partition("/")
+    netloc = netloc.split("?", 1)[0].rsplit("@", 1)[-1]
+    hidden = (slash and tail) or "?" in rest.split("/", 1)[0]
+    return f"{head}://{netloc}/…" if hidden else f"{head}://{netloc}/"
+
+
 def _refused(url: str, detail: str) -> WebhookRefused:
-    logger.warning("refused webhook %s: %s", url, detail)
+    logger.warning("refused webhook %s: %s", redact_webhook(url), detail)
     return WebhookRefused(NOT_ALLOWED, _NOT_ALLOWED_MESSAGE, detail)
 
 
@@ -373,7 +385,7 @@ class WebhookSender:
                 return True
             except asyncio.QueueFull:
                 error = "delivery queue full"
-        logger.warning("webhook delivery to %s refused: %s", url[:200], error)
+        logger.warning("webhook delivery to %s refused: %s", redact_webhook(url[:200]), error)
         _report(on_result, DeliveryResult(ok=False, attempts=0, status=None, error=error))
         return False
 

@@ -161,6 +161,8 @@ def test_an_alert_fires_with_evidence_over_every_channel(
             assert created.status_code == 201, created.text
             alert = created.json()
             assert alert["id"].startswith("al_") and alert["secret"]
+            # The receiver's path (often its own token) is never shown back.
+            assert alert["webhook"] == receiver.url.removesuffix("hook") + "…"
             assert alert["question"] == standing_question("a red ball is visible")
             never = client.post(
                 f"/v1/sessions/{sid}/alerts",
