@@ -102,7 +102,7 @@ def run_stream(
     )
     probes: list[Probe] = []
     errors: list[Exception] = []
-    question = standing_question(f"a {target} is visible")
+    question = standing_question(args.condition.format(o=target))
     engine.watch(
         "s", "a", question, every=1.0 / args.fps, on_result=probes.append, on_error=errors.append
     )
@@ -202,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=None, help="media seconds held")
     parser.add_argument("--kv-budget", default=DEFAULT_KV_BUDGET)
     parser.add_argument("--no-skip", action="store_true", help="evaluate every due frame")
+    parser.add_argument(
+        "--condition",
+        default="a {o} is visible",
+        help="the alert's condition, {o} = the object (a question ending in ? is asked as is)",
+    )
     args = parser.parse_args(argv)
     width, height = (int(x) for x in args.size.split("x"))
     loaded = load_from_args(args)

@@ -37,14 +37,26 @@ import numpy as np
 import torch
 from latency import add_model_args, load_from_args
 
-from livelens.model.engine import Answer, Engine, EngineConfig, FrameCallbacks, QuestionJob
+from livelens.model.engine import (
+    Answer,
+    Engine,
+    EngineConfig,
+    FrameCallbacks,
+    Probe,
+    QuestionJob,
+)
 from livelens.model.loading import LoadedModel
+from livelens.model.qa import standing_question
 from livelens.model.runner import ModelRunner
 from livelens.model.sampling import SamplingParams
 from livelens.model.scheduler import SchedulerConfig
 from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, choose_grid
 
 QUESTION = "When did the white box first move? Answer with start and end seconds."
+ALERTS = tuple(
+    standing_question(c)
+    for c in ("a white box is visible", "a person is visible", "the box stopped", "it is dark")
+)
 
 
 class Stream:
@@ -93,6 +105,11 @@ class Run:
     dropped: int = 0
     kv_bytes: int = 0
     questions_failed: int = 0
+    alerts: int = 0
+    """Standing questions per stream (`Engine.watch`, every --alert-every media seconds)."""
+    evaluations: int = 0
+    skipped: int = 0
+    busy_seconds: float = 0.0
 
     @property
     def frames_per_s(self) -> float:
@@ -107,7 +124,9 @@ class Run:
 class Workload:
     """N streams fed into one engine on its own thread; questions timed from submission."""
 
-    def __init__(self, loaded: LoadedModel, args: argparse.Namespace, n: int, mode: str) -> None:
+    def __init__(
+        self, loaded: LoadedModel, args: argparse.Namespace, n: int, mode: str, alerts: int = 0
+    ) -> None:
         self.args = args
         grid = choose_grid(args.height, args.width, tokens_per_frame=args.tokens_per_frame)
         self.grid = grid
@@ -122,7 +141,7 @@ class Workload:
         )
         self.engine = Engine(ModelRunner(loaded), config)
         self.streams = [Stream(i, grid.height, grid.width) for i in range(n)]
-        self.run = Run(n, mode)
+        self.run = Run(n, mode, alerts=alerts)
         self.lock = threading.Lock()
         self.outstanding = 0
         self.prefilled: dict[str, list[tuple[float, float]]] = {s.key: [] for s in self.streams}
@@ -138,6 +157,20 @@ class Workload:
                 min_tokens=1,
                 callbacks=FrameCallbacks(self._appended(stream.key), self._full),
             )
+            for j in range(alerts):
+                self.engine.watch(
+                    stream.key,
+                    f"alert{j}",
+                    ALERTS[j % len(ALERTS)],
+                    every=args.alert_every,
+                    on_result=self._probed,
+                    on_error=self._full,
+                )
+
+    def _probed(self, probe: Probe) -> None:
+        with self.lock:
+            self.run.evaluations += probe.evaluated
+            self.run.skipped += not probe.evaluated
 
     def _appended(self, key: str):
         def on_appended(_result) -> None:
@@ -215,6 +248,7 @@ class Workload:
             run.kv_bytes += stats.kv_bytes
             run.dropped += engine.dropped(stream.key)
         run.steps = engine.steps
+        run.busy_seconds = engine.busy_seconds
         if args.realtime:
             self._lags()
         return run
@@ -243,10 +277,12 @@ def held(run: Run) -> bool:
     )
 
 
-def measure(loaded: LoadedModel, args: argparse.Namespace, n: int, mode: str) -> Run:
-    run = Workload(loaded, args, n, mode).execute()
+def measure(
+    loaded: LoadedModel, args: argparse.Namespace, n: int, mode: str, alerts: int = 0
+) -> Run:
+    run = Workload(loaded, args, n, mode, alerts).execute()
     print(
-        f"... {n} streams {mode}: {run.frames_per_s:.1f} frames/s, "
+        f"... {n} streams {mode}, {alerts} alerts each: {run.frames_per_s:.1f} frames/s, "
         f"TTFT p95 {run.ttft_ms(95):.0f} ms",
         file=sys.stderr,
         flush=True,
@@ -287,6 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--find-max", action="store_true", help="with --realtime: largest N held")
     parser.add_argument("--start", type=int, default=16, help="--find-max: first N")
     parser.add_argument("--no-sequential", action="store_true", help="batched engine only")
+    parser.add_argument(
+        "--alerts",
+        default="0",
+        help="comma-separated standing questions per stream: each count is a batched run",
+    )
+    parser.add_argument("--alert-every", type=float, default=1.0, help="media s between evals")
     args = parser.parse_args(argv)
     args.width, args.height = (int(x) for x in args.size.lower().split("x"))
     if args.find_max and not args.realtime:
@@ -298,10 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         runs = find_max(loaded, args)
     else:
         runs = []
+        counts = [int(x) for x in args.alerts.split(",")]
         for n in sorted(int(x) for x in args.streams.split(",")):
-            runs.append(measure(loaded, args, n, "batched"))
+            for alerts in counts:
+                runs.append(measure(loaded, args, n, "batched", alerts))
             if not args.no_sequential:
-                runs.append(measure(loaded, args, n, "sequential"))
+                runs.append(measure(loaded, args, n, "sequential", counts[0]))
 
     name = f"random-{args.arch}" if args.arch else args.model
     if args.arch and args.layers:
@@ -318,24 +362,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(
-        "| streams | engine | frames | s | frames/s | answer tok/s | TTFT p50 ms | TTFT p95 ms "
-        "| frames/step | KV MiB/stream | lag end s | lag growth s | dropped |"
+        "| streams | engine | alerts/stream | frames | s | frames/s | answer tok/s | TTFT p50 ms "
+        "| TTFT p95 ms | frames/step | KV MiB/stream | lag end s | lag growth s | dropped "
+        "| evals (skipped) | evals/engine-s |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for run in runs:
         lag_end = f"{max(run.lag_end):.2f}" if run.lag_end else "-"
         growth = f"{run.lag_growth:.2f}" if args.realtime else "-"
+        rate = run.evaluations / run.busy_seconds if run.busy_seconds else 0.0
         print(
-            f"| {run.streams} | {run.mode} | {run.frames} | {run.seconds:.1f} | "
+            f"| {run.streams} | {run.mode} | {run.alerts} | {run.frames} | {run.seconds:.1f} | "
             f"{run.frames_per_s:.1f} | {run.answer_tokens / run.seconds:.1f} | "
             f"{run.ttft_ms(50):.0f} | {run.ttft_ms(95):.0f} | "
             f"{run.frames / max(1, run.steps):.2f} | "
-            f"{run.kv_bytes / run.streams / 2**20:.1f} | {lag_end} | {growth} | {run.dropped} |"
+            f"{run.kv_bytes / run.streams / 2**20:.1f} | {lag_end} | {growth} | {run.dropped} "
+            f"| {run.evaluations} ({run.skipped}) | {rate:.1f} |"
         )
     if loaded.device.type == "cuda":
         print(f"\npeak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
-    batched = [r for r in runs if r.mode == "batched"]
+    first = int(args.alerts.split(",")[0]) if not args.find_max else 0
+    batched = [r for r in runs if r.mode == "batched" and r.alerts == first]
     top = max(batched, key=lambda r: r.streams) if not args.find_max else None
     if args.find_max:
         held_runs = [r for r in batched if held(r)]
