@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from livelens.stream.protocol import (
+    CLIENT_TYPES,
+    AlertRequest,
     AnswerMessage,
     AskMessage,
     CancelMessage,
@@ -41,9 +43,12 @@ def test_every_json_example_in_the_api_doc_validates() -> None:
     kinds = []
     for example in _examples():
         kind = example.get("type")
-        if kind in ("ask", "cancel"):
+        if kind in CLIENT_TYPES:
             message = parse_client_message(json.dumps(example))
-            assert isinstance(message, AskMessage | CancelMessage)
+            assert message.type == kind
+        elif "condition" in example and kind is None and "id" not in example:
+            AlertRequest.model_validate(example)
+            kind = "alert_request"
         elif kind in SERVER:
             model = SERVER[kind]
             assert model.model_validate(example).model_dump(mode="json").keys() == example.keys()
@@ -52,7 +57,18 @@ def test_every_json_example_in_the_api_doc_validates() -> None:
         else:
             continue
         kinds.append(kind or "pull")
-    assert sorted(set(kinds)) == ["answer", "ask", "cancel", "error", "pull", "status", "token"]
+    assert sorted(set(kinds)) == [
+        "alert_request",
+        "answer",
+        "ask",
+        "cancel",
+        "error",
+        "pull",
+        "status",
+        "token",
+        "unwatch",
+        "watch",
+    ]
 
 
 @pytest.mark.parametrize(
