@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -270,3 +271,20 @@ def test_cli_alerts_add_list_watch_rm(server, clip, capsys) -> None:
         ("alert", "fall", alert_id),
     ]
     assert messages[0]["event_id"] == rise[5] and messages[1]["ended"] >= messages[0]["started"]
+    # The client's AlertEvent has every field the server sends (and no other but entry_id).
+    fields = {f.name for f in dataclasses.fields(AlertEvent)}
+    assert set(messages[0]) - {"type"} == fields - {"entry_id"}
+
+
+def test_alert_fields_mirror_the_server() -> None:
+    """Alert keeps its own dataclass (the client must not import the server) and drops unknown
+    keys; a field the server adds or renames is caught here."""
+    from livelens.stream.alerts import AlertState
+
+    state = AlertState(
+        id="al_1", session_id="s", condition="c", every=1.0, cooldown=10.0, threshold=0.5,
+        hysteresis=0.1, webhook=None, secret="k", created="2026-12-01T00:00:00.000Z",
+    )  # fmt: skip
+    created = state.to_json() | {"secret": state.secret}  # as POST answers
+    assert {f.name for f in dataclasses.fields(Alert)} == set(created)
+    assert Alert.from_json(created | {"new_field": 1}).secret == "k"
