@@ -24,6 +24,8 @@ _LAZY = {
     "SessionStats": "client",
     "HistoryEntry": "client",
     "Thumbnail": "client",
+    "Alert": "client",
+    "AlertEvent": "client",
     "LiveLensError": "client",
     "ServerError": "client",
     "ConnectionFailed": "client",

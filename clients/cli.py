@@ -1,4 +1,4 @@
-"""The client commands of `livelens`: publish, sessions, watch, and `ask --server`.
+"""The client commands of `livelens`: publish, sessions, watch, alerts, and `ask --server`.
 
 stream/cli.py registers them; each takes the parsed arguments and returns the exit status.
 Errors from the server or the network are raised (LiveLensError) and shown by stream/cli.py
@@ -19,6 +19,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TextIO
 
 from livelens.clients.client import (
+    Alert,
+    AlertEvent,
     Answer,
     LiveLensClient,
     SessionInfo,
@@ -117,11 +119,15 @@ def cmd_sessions(args: argparse.Namespace) -> int:
                 _seconds(s.stats.lag),
             )
         )
+    _table(rows)
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         print("  ".join(cells).rstrip())
-    return 0
 
 
 def _shorten(text: str, limit: int) -> str:
@@ -187,6 +193,114 @@ def cmd_watch(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return _run(watch)
 
 
+# ---------------------------------------------------------------------------------------- alerts
+def cmd_alerts(args: argparse.Namespace) -> int:
+    """`livelens alerts add|list|rm|watch`: a session's standing questions."""
+    return ALERT_COMMANDS[args.alerts_command](args)
+
+
+def cmd_alerts_add(args: argparse.Namespace) -> int:
+    """`livelens alerts add SESSION CONDITION`: prints the alert's id (and its webhook secret)."""
+    base = server(args)
+
+    async def add() -> Alert:
+        async with LiveLensClient(base, token=token(args)) as client:
+            return await client.add_alert(
+                args.session,
+                args.condition,
+                every=args.every,
+                cooldown=args.cooldown,
+                threshold=args.threshold,
+                hysteresis=args.hysteresis,
+                webhook=args.webhook,
+            )
+
+    alert = asyncio.run(add())
+    print(f"alert: {alert.id}")
+    print(f"question: {alert.question}")
+    if alert.secret:
+        print(f"secret: {alert.secret}")
+        print(
+            "note: the secret is shown only once; keep it to check the webhook's "
+            "X-LiveLens-Signature",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_alerts_list(args: argparse.Namespace) -> int:
+    """`livelens alerts list SESSION [--json]`: the session's alerts as a table or JSON."""
+    base = server(args)
+
+    async def alerts() -> list[Alert]:
+        async with LiveLensClient(base, token=token(args)) as client:
+            return await client.alerts(args.session)
+
+    found = asyncio.run(alerts())
+    if args.json:
+        print(json.dumps({"alerts": [dataclasses.asdict(a) for a in found]}, indent=2))
+        return 0
+    if not found:
+        print("no alerts")
+        return 0
+    rows = [("ID", "ACTIVE", "CONFIDENCE", "EVENTS", "CONDITION")]
+    for a in found:
+        confidence = "-" if a.confidence is None else f"{a.confidence:.2f}"
+        active = "yes" if a.active else "no"
+        rows.append((a.id, active, confidence, str(a.events), a.condition))
+    _table(rows)
+    return 0
+
+
+def cmd_alerts_rm(args: argparse.Namespace) -> int:
+    """`livelens alerts rm SESSION ALERT_ID`."""
+    base = server(args)
+
+    async def remove() -> Alert:
+        async with LiveLensClient(base, token=token(args)) as client:
+            return await client.delete_alert(args.session, args.alert_id)
+
+    removed = asyncio.run(remove())
+    print(f"removed {removed.id}: {removed.condition}")
+    return 0
+
+
+def alert_line(event: AlertEvent) -> str:
+    """One line of an alert event, as `livelens alerts watch` shows it."""
+    confidence = "-" if event.confidence is None else f"{event.confidence:.2f}"
+    media = f"{event.started:.1f}s-" + ("" if event.ended is None else f"{event.ended:.1f}s")
+    return (
+        f"{event.time}  {event.edge:<4}  {json.dumps(event.condition)}  "
+        f"confidence {confidence}  media {media}  {event.event_id}"
+    )
+
+
+def cmd_alerts_watch(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """`livelens alerts watch SESSION [--json]`: one line per alert event until the session ends."""
+    base = server(args)
+    out = out or sys.stdout
+
+    async def watch() -> int:
+        async with LiveLensClient(base, token=token(args)) as client:
+            async for message in client.alert_messages(args.session):
+                if args.json:
+                    out.write(json.dumps(message) + "\n")
+                else:
+                    out.write(alert_line(AlertEvent.from_json(message)) + "\n")
+                out.flush()
+        return 0
+
+    return _run(watch)
+
+
+ALERT_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "add": cmd_alerts_add,
+    "list": cmd_alerts_list,
+    "rm": cmd_alerts_rm,
+    "watch": cmd_alerts_watch,
+}
+
+
 # --------------------------------------------------------------------------------------- publish
 def cmd_publish(args: argparse.Namespace) -> int:
     """`livelens publish SOURCE --server URL`: publish until Ctrl-C/SIGTERM or the file's end."""
@@ -246,4 +360,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "sessions": cmd_sessions,
     "watch": cmd_watch,
     "publish": cmd_publish,
+    "alerts": cmd_alerts,
 }

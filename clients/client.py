@@ -41,6 +41,8 @@ _CLOSE_CODES = {
     4408: ("too_slow", 408),
 }
 _ERROR_STATUS = {"unauthorized": 401, "forbidden_scope": 403, "unknown_session": 404}
+ENDING_GRACE_S = 1.0
+"""How long watch_alerts() still listens after the final status, for the last falling edges."""
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -90,6 +92,12 @@ def session_path(session_id: str) -> str:
     if not session_id:
         raise ValueError("the session id is empty")
     return f"/v1/sessions/{quote(session_id, safe='')}"
+
+
+def alert_event_path(session_id: str, event_id: str) -> str:
+    if not event_id:
+        raise ValueError("the event id is empty")
+    return f"{session_path(session_id)}/alert-events/{quote(event_id, safe='')}"
 
 
 def describe_connection_error(exc: BaseException) -> str:
@@ -309,6 +317,72 @@ class Thumbnail:
     url: str
 
 
+@dataclass(frozen=True)
+class Alert:
+    """A standing question on a session (docs/api.md, "Standing questions: alerts")."""
+
+    id: str
+    session_id: str
+    condition: str
+    question: str
+    """What the model is asked: the condition as written if it ends with "?", else wrapped."""
+    every: float
+    """Media seconds between evaluations."""
+    cooldown: float
+    threshold: float
+    hysteresis: float
+    webhook: str | None
+    created: str
+    active: bool
+    confidence: float | None
+    """The last evaluation's P(yes) / (P(yes) + P(no)); None before the first."""
+    evaluated_at: float | None
+    evaluations: int
+    skipped: int
+    events: int
+    suppressed: int
+    webhook_deliveries: int
+    webhook_failures: int
+    last_webhook_error: str | None
+    secret: str | None = None
+    """The webhook's HMAC key: only in the answer that created the alert (None otherwise)."""
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Alert:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class AlertEvent:
+    """One edge of an alert: `rise` (it became active) or `fall` (same event_id, `ended` set)."""
+
+    event_id: str
+    alert_id: str
+    session_id: str
+    condition: str
+    edge: str
+    confidence: float | None
+    started: float
+    """Media seconds of the rising edge's evaluation."""
+    started_at: str
+    ended: float | None
+    ended_at: str | None
+    thumbnail_url: str
+    """Relative to the server; `alert_thumbnail()` fetches it with the key."""
+    clip_url: str
+    time: str
+    """Wall clock when the server sent it."""
+    entry_id: str | None = None
+    """Its Redis Stream id, for events read back with `alert_events()`."""
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AlertEvent:
+        fields = _known(cls, data)
+        if "id" in data:
+            fields["entry_id"] = str(data["id"])
+        return cls(**fields)
+
+
 # ---------------------------------------------------------------------------------------- client
 def one_key(token: str | None, key: str | None) -> str | None:
     """`key=` and the older `token=` name the same credential; refuse two different ones."""
@@ -417,6 +491,64 @@ class LiveLensClient:
         response = await self._request(
             "GET", f"{session_path(session_id)}/thumbnail", params={"at": at}
         )
+        return response.content
+
+    # -------------------------------------------------------------------------------- alerts
+    async def add_alert(
+        self,
+        session_id: str,
+        condition: str,
+        *,
+        every: float = 1.0,
+        cooldown: float = 10.0,
+        threshold: float = 0.5,
+        hysteresis: float = 0.1,
+        webhook: str | None = None,
+    ) -> Alert:
+        """Add a standing question; the returned Alert holds the webhook's `secret` (the only
+        time the server sends it)."""
+        body = {
+            "condition": condition,
+            "every": every,
+            "cooldown": cooldown,
+            "threshold": threshold,
+            "hysteresis": hysteresis,
+            "webhook": webhook,
+        }
+        response = await self._request("POST", f"{session_path(session_id)}/alerts", json=body)
+        return Alert.from_json(response.json())
+
+    async def alerts(self, session_id: str) -> list[Alert]:
+        response = await self._request("GET", f"{session_path(session_id)}/alerts")
+        return [Alert.from_json(a) for a in response.json()["alerts"]]
+
+    async def alert(self, session_id: str, alert_id: str) -> Alert:
+        response = await self._request("GET", _alert_path(session_id, alert_id))
+        return Alert.from_json(response.json())
+
+    async def delete_alert(self, session_id: str, alert_id: str) -> Alert:
+        """Remove an alert; returns it as it was (its events stay in the session's stream)."""
+        response = await self._request("DELETE", _alert_path(session_id, alert_id))
+        return Alert.from_json(response.json())
+
+    async def alert_events(self, session_id: str, count: int | None = None) -> list[AlertEvent]:
+        """The session's alert events (rise and fall edges), oldest first; `count` keeps the
+        most recent."""
+        params = {"count": count} if count is not None else None
+        response = await self._request(
+            "GET", f"{session_path(session_id)}/alert-events", params=params
+        )
+        return [AlertEvent.from_json(e) for e in response.json()["events"]]
+
+    async def alert_thumbnail(self, session_id: str, event_id: str) -> bytes:
+        """The JPEG of the frame at the event's rising edge (410 once the evidence expired)."""
+        response = await self._request("GET", f"{alert_event_path(session_id, event_id)}/thumbnail")
+        return response.content
+
+    async def alert_clip(self, session_id: str, event_id: str) -> bytes:
+        """An MP4 (H.264) of the sampled frames from 3 s before to 2 s after the rising edge;
+        shorter while the frames after it have not arrived yet."""
+        response = await self._request("GET", f"{alert_event_path(session_id, event_id)}/clip")
         return response.content
 
     async def ticket(self, session_id: str) -> str:
@@ -546,6 +678,40 @@ class LiveLensClient:
                     status = Status.from_json(message)
                     yield status
 
+    async def alert_messages(self, session_id: str) -> AsyncIterator[dict[str, Any]]:
+        """The session's `alert` websocket messages as the server sends them (JSON objects),
+        until the session is ended or failed."""
+        async with self._socket(session_id) as (ws, status):
+            while not status.finished:
+                message = await self._receive(ws)
+                if message is None:
+                    return
+                if message.get("type") == "alert":
+                    yield message
+                elif message.get("type") == "status":
+                    status = Status.from_json(message)
+            # The falling edges of alerts active at the end follow the final status closely.
+            while True:
+                try:
+                    message = await asyncio.wait_for(self._receive(ws), ENDING_GRACE_S)
+                except TimeoutError:
+                    return
+                if message is None:
+                    return
+                if message.get("type") == "alert":
+                    yield message
+
+    async def watch_alerts(self, session_id: str) -> AsyncIterator[AlertEvent]:
+        """The session's alert events as they happen, until the session is ended or failed."""
+        async for message in self.alert_messages(session_id):
+            yield AlertEvent.from_json(message)
+
+
+def _alert_path(session_id: str, alert_id: str) -> str:
+    if not alert_id:
+        raise ValueError("the alert id is empty")
+    return f"{session_path(session_id)}/alerts/{quote(alert_id, safe='')}"
+
 
 def _error(message: dict[str, Any]) -> ServerError:
     code = str(message.get("code", "error"))
@@ -628,6 +794,31 @@ class BlockingClient:
 
     def ticket(self, session_id: str) -> str:
         return self._call(self.client.ticket(session_id))
+
+    def add_alert(self, session_id: str, condition: str, **options: Any) -> Alert:
+        return self._call(self.client.add_alert(session_id, condition, **options))
+
+    def alerts(self, session_id: str) -> list[Alert]:
+        return self._call(self.client.alerts(session_id))
+
+    def alert(self, session_id: str, alert_id: str) -> Alert:
+        return self._call(self.client.alert(session_id, alert_id))
+
+    def delete_alert(self, session_id: str, alert_id: str) -> Alert:
+        return self._call(self.client.delete_alert(session_id, alert_id))
+
+    def alert_events(self, session_id: str, count: int | None = None) -> list[AlertEvent]:
+        return self._call(self.client.alert_events(session_id, count))
+
+    def alert_thumbnail(self, session_id: str, event_id: str) -> bytes:
+        return self._call(self.client.alert_thumbnail(session_id, event_id))
+
+    def alert_clip(self, session_id: str, event_id: str) -> bytes:
+        return self._call(self.client.alert_clip(session_id, event_id))
+
+    def watch_alerts(self, session_id: str) -> Iterator[AlertEvent]:
+        """As LiveLensClient.watch_alerts; close() the iterator to stop early."""
+        return self._iterate(self.client.watch_alerts(session_id))
 
     def ask(
         self,

@@ -1,6 +1,7 @@
 """`livelens` command line: `livelens ask VIDEO "question"` streams an answer with timestamps.
 
-`serve` runs the live service; `publish`, `sessions`, `watch` and `ask --server` are its client
+`serve` runs the live service; `publish`, `sessions`, `watch`, `alerts` and `ask --server` are its
+client
 (livelens/clients/cli.py) and never load the model.
 """
 
@@ -44,7 +45,7 @@ _LOCAL_ASK_FLAGS = {
     "device": "--device",
     "chunk": "--chunk",
 }
-CLIENT_COMMANDS = ("publish", "sessions", "watch")
+CLIENT_COMMANDS = ("publish", "sessions", "watch", "alerts")
 
 
 class UsageError(ValueError):
@@ -183,6 +184,42 @@ def build_parser() -> argparse.ArgumentParser:
     watch = sub.add_parser("watch", help="show a session's progress live until it ends")
     watch.add_argument("session", metavar="SESSION", help="session id")
     _add_client_options(watch, server_required=True)
+
+    alerts = sub.add_parser("alerts", help="add, list, remove or watch a session's alerts")
+    actions = alerts.add_subparsers(dest="alerts_command", required=True)
+    add = actions.add_parser("add", help="add a standing yes/no question to a live session")
+    add.add_argument("session", metavar="SESSION", help="session id")
+    add.add_argument("condition", metavar="CONDITION", help='e.g. "a red ball is visible"')
+    add.add_argument(
+        "--every", type=float, default=1.0, metavar="S", help="media seconds between evaluations"
+    )
+    add.add_argument(
+        "--cooldown", type=float, default=10.0, metavar="S", help="media seconds between events"
+    )
+    add.add_argument(
+        "--threshold", type=float, default=0.5, metavar="P", help="confidence to become active"
+    )
+    add.add_argument(
+        "--hysteresis",
+        type=float,
+        default=0.1,
+        metavar="H",
+        help="inactive again below threshold - H",
+    )
+    add.add_argument("--webhook", default=None, metavar="URL", help="POST each event here (signed)")
+    _add_client_options(add, server_required=True)
+    listed = actions.add_parser("list", help="the session's alerts")
+    listed.add_argument("session", metavar="SESSION", help="session id")
+    listed.add_argument("--json", action="store_true", help="print the alerts as JSON")
+    _add_client_options(listed, server_required=True)
+    remove = actions.add_parser("rm", help="remove an alert")
+    remove.add_argument("session", metavar="SESSION", help="session id")
+    remove.add_argument("alert_id", metavar="ALERT_ID", help="the alert's id (al_...)")
+    _add_client_options(remove, server_required=True)
+    watched = actions.add_parser("watch", help="print alert events as they happen")
+    watched.add_argument("session", metavar="SESSION", help="session id")
+    watched.add_argument("--json", action="store_true", help="raw JSON lines")
+    _add_client_options(watched, server_required=True)
 
     serve = sub.add_parser(
         "serve",

@@ -8,6 +8,8 @@ const SESSIONS_REFRESH_MS = 5000;
 const RECONNECT_MIN_MS = 500;
 const RECONNECT_MAX_MS = 15000;
 const MAX_FRAMES_SHOWN = 8;
+const ALERTS_REFRESH_MS = 3000;
+const MAX_ALERT_FEED = 50;
 
 const $ = (id) => document.getElementById(id);
 
@@ -27,6 +29,12 @@ const state = {
   framesRequest: 0,
   publish: null, // {pc, stream, location, sessionId}
   questionCounter: 0,
+  alerts: [], // the selected session's alerts, as GET /alerts lists them
+  alertEvents: new Map(), // event_id -> {event_id, alert_id, condition, started, ended, ...}
+  alertFeed: [], // newest first: {key, event} (one entry per edge), at most MAX_ALERT_FEED
+  alertNodes: new Map(), // feed key -> its <li>, kept so thumbnails are not reloaded
+  alertThumbs: new Map(), // event_id -> object URL of its evidence thumbnail
+  alertClips: new Map(), // event_id -> object URL of its clip
 };
 
 // ------------------------------------------------------------------ small helpers
@@ -221,6 +229,7 @@ async function selectSession(id, { fromHash = false } = {}) {
       );
       document.body.dataset.session = "unknown";
       state.sessionId = null;
+      updateAlertControls();
       $("current-session").textContent = "No session selected";
       renderSessions();
     } else if (error.status !== 401) {
@@ -237,6 +246,9 @@ async function selectSession(id, { fromHash = false } = {}) {
   $("current-session").title = `${id}\n${record.source}`;
   if (record.status) applyStatus(record.status);
   else applyStatus({ state: record.state, reason: record.reason, ...record.stats });
+  updateAlertControls();
+  refreshAlerts();
+  loadAlertEvents(id);
   await loadHistory(id);
   connectSocket(id);
 }
@@ -247,6 +259,7 @@ function resetSessionView() {
   state.pending = null;
   state.selectedSegment = null;
   clearFrames();
+  clearAlerts();
   $("frames-hint").textContent = "Click a segment on the timeline to see its frames.";
   resetAnswerCard();
   renderHistory();
@@ -407,6 +420,7 @@ function scheduleReconnect(id, generation, why) {
   state.reconnectTimer = setTimeout(() => {
     if (generation !== state.wsGeneration) return;
     loadHistory(id);
+    loadAlertEvents(id); // what was sent while disconnected
     connectSocket(id);
   }, delay);
 }
@@ -430,6 +444,9 @@ function handleMessage(message) {
       break;
     case "error":
       onError(message);
+      break;
+    case "alert":
+      onAlertEvent(message);
       break;
     default:
       break;
@@ -647,6 +664,7 @@ function cancel() {
 function timelineLength() {
   let end = state.status && state.status.live_edge ? state.status.live_edge : 0;
   for (const answer of state.answers) for (const s of answer.segments) end = Math.max(end, s.end);
+  for (const event of state.alertEvents.values()) end = Math.max(end, event.ended ?? event.started);
   return Math.max(end, 1);
 }
 
@@ -696,6 +714,7 @@ function renderTimeline() {
       (isLatest ? latestLane : earlierLane).append(button);
     });
   }
+  renderAlertMarkers(pct);
   const axis = $("axis");
   axis.replaceChildren();
   const step = niceStep(length / 6);
@@ -792,6 +811,309 @@ async function showSegment(answer, segment, key) {
       error.status === 410 || error.status === 409
         ? `Frames are not available: ${error.message}.`
         : `Could not load frames: ${error.message}`;
+  }
+}
+
+// ------------------------------------------------------------------ alerts
+const alertsPath = (id) => `/v1/sessions/${encodeURIComponent(id)}/alerts`;
+
+function clearAlerts() {
+  for (const url of state.alertThumbs.values()) URL.revokeObjectURL(url);
+  for (const url of state.alertClips.values()) URL.revokeObjectURL(url);
+  state.alerts = [];
+  state.alertEvents = new Map();
+  state.alertFeed = [];
+  state.alertNodes = new Map();
+  state.alertThumbs = new Map();
+  state.alertClips = new Map();
+  showAlertError("");
+  renderAlerts();
+  renderAlertFeed();
+  updateAlertControls();
+}
+
+function updateAlertControls() {
+  $("alert-add").disabled = !state.sessionId;
+  $("alert-add").title = state.sessionId ? "" : "Select a session first";
+}
+
+function showAlertError(text) {
+  $("alert-error").hidden = !text;
+  $("alert-error").textContent = text;
+  if (text) $("alert-condition").setAttribute("aria-invalid", "true");
+  else $("alert-condition").removeAttribute("aria-invalid");
+}
+
+async function refreshAlerts() {
+  const id = state.sessionId;
+  if (!id) return;
+  try {
+    const data = await api(alertsPath(id));
+    if (state.sessionId !== id) return;
+    state.alerts = data.alerts;
+    renderAlerts();
+  } catch (error) {
+    if (state.sessionId !== id || error.status === 401) return;
+    $("alerts-empty").hidden = false;
+    $("alerts-empty").textContent = `Could not list the alerts: ${error.message}`;
+  }
+}
+
+function renderAlerts() {
+  const list = $("alert-list");
+  list.replaceChildren();
+  for (const alert of state.alerts) {
+    const confidence =
+      alert.confidence === null || alert.confidence === undefined
+        ? "not evaluated yet"
+        : `confidence ${Number(alert.confidence).toFixed(2)}`;
+    const events = `${alert.events} event${alert.events === 1 ? "" : "s"}`;
+    list.append(
+      el(
+        "li",
+        { class: "alert-item", "data-alert": alert.id, "data-active": alert.active ? "true" : "false" },
+        el(
+          "div",
+          { class: "alert-line" },
+          el("span", { class: "alert-condition", text: alert.condition, title: alert.question }),
+          el("span", {
+            class: "badge badge-alert",
+            "data-active": alert.active ? "true" : "false",
+            text: alert.active ? "active" : "inactive",
+          }),
+        ),
+        el(
+          "div",
+          { class: "alert-line" },
+          el("span", {
+            class: "alert-facts muted small",
+            text: `${confidence} · ${events} · every ${alert.every} s`,
+          }),
+          el("button", {
+            type: "button",
+            class: "btn btn-small btn-danger",
+            "aria-label": `Remove alert: ${alert.condition}`,
+            text: "Remove",
+            onclick: () => removeAlert(alert),
+          }),
+        ),
+      ),
+    );
+  }
+  $("alerts-empty").hidden = state.alerts.length > 0;
+  $("alerts-empty").textContent = "No alerts on this session.";
+  $("alerts-count").textContent = state.alerts.length ? `${state.alerts.length}` : "";
+}
+
+/** A number field's value, or undefined when left empty (the server's default applies). */
+function numberField(id) {
+  const raw = $(id).value.trim();
+  return raw === "" ? undefined : Number(raw);
+}
+
+async function addAlert() {
+  const id = state.sessionId;
+  if (!id) return;
+  const body = {
+    condition: $("alert-condition").value,
+    every: numberField("alert-every"),
+    cooldown: numberField("alert-cooldown"),
+    threshold: numberField("alert-threshold"),
+  };
+  showAlertError("");
+  $("alert-add").disabled = true;
+  try {
+    await api(alertsPath(id), { method: "POST", body });
+    if (state.sessionId !== id) return;
+    $("alert-condition").value = "";
+  } catch (error) {
+    if (state.sessionId === id) showAlertError(`${error.message} (${error.status} ${error.code})`);
+  } finally {
+    updateAlertControls();
+  }
+  await refreshAlerts();
+}
+
+async function removeAlert(alert) {
+  const id = state.sessionId;
+  if (!id) return;
+  showAlertError("");
+  try {
+    await api(`${alertsPath(id)}/${encodeURIComponent(alert.id)}`, { method: "DELETE" });
+  } catch (error) {
+    if (state.sessionId === id) showAlertError(`Could not remove it: ${error.message} (${error.status} ${error.code})`);
+  }
+  await refreshAlerts();
+}
+
+/** Earlier events (from the session's Redis Stream), so a reload shows them too. */
+async function loadAlertEvents(id) {
+  try {
+    const data = await api(`/v1/sessions/${encodeURIComponent(id)}/alert-events?count=${MAX_ALERT_FEED}`);
+    if (state.sessionId !== id) return;
+    for (const event of data.events) addAlertEdge(event, { fetchThumbnail: true });
+    renderAlertFeed();
+    renderTimeline();
+  } catch (error) {
+    // The feed still fills from the websocket; a 401 is reported by the session list.
+  }
+}
+
+function onAlertEvent(message) {
+  if (message.session_id && message.session_id !== state.sessionId) return;
+  addAlertEdge(message, { fetchThumbnail: true });
+  renderAlertFeed();
+  renderTimeline();
+  refreshAlerts(); // its state and event count changed
+}
+
+/** Record one edge: the event (for the timeline) and a feed entry, newest first. */
+function addAlertEdge(event, { fetchThumbnail }) {
+  const known = state.alertEvents.get(event.event_id);
+  state.alertEvents.set(event.event_id, { ...known, ...event, ended: event.ended ?? known?.ended ?? null });
+  const key = `${event.event_id}:${event.edge}`;
+  if (state.alertFeed.some((entry) => entry.key === key)) return;
+  state.alertFeed.push({ key, event });
+  state.alertFeed.sort((a, b) => (a.event.time < b.event.time ? 1 : a.event.time > b.event.time ? -1 : 0));
+  const dropped = state.alertFeed.splice(MAX_ALERT_FEED);
+  for (const entry of dropped) state.alertNodes.delete(entry.key);
+  const shown = new Set(state.alertFeed.map((entry) => entry.event.event_id));
+  for (const eventId of [...state.alertEvents.keys()]) {
+    if (shown.has(eventId)) continue;
+    state.alertEvents.delete(eventId);
+    for (const cache of [state.alertThumbs, state.alertClips]) {
+      if (cache.has(eventId)) URL.revokeObjectURL(cache.get(eventId));
+      cache.delete(eventId);
+    }
+  }
+  if (fetchThumbnail && event.edge === "rise" && shown.has(event.event_id)) loadAlertThumbnail(event);
+}
+
+async function loadAlertThumbnail(event) {
+  const id = state.sessionId;
+  if (state.alertThumbs.has(event.event_id)) return;
+  state.alertThumbs.set(event.event_id, null); // loading
+  let url = null;
+  let failure = "";
+  try {
+    const response = await api(event.thumbnail_url, { raw: true });
+    const blob = await response.blob();
+    if (state.sessionId !== id || !state.alertThumbs.has(event.event_id)) return;
+    url = URL.createObjectURL(blob);
+    state.alertThumbs.set(event.event_id, url);
+  } catch (error) {
+    if (state.sessionId !== id) return;
+    failure = error.status === 410 ? "Evidence expired." : `No thumbnail: ${error.message}`;
+  }
+  const node = state.alertNodes.get(`${event.event_id}:rise`);
+  if (node) fillEvidence(node, event, url, failure);
+}
+
+function fillEvidence(node, event, url, failure) {
+  const box = node.querySelector(".alert-evidence");
+  if (!box) return;
+  if (url) {
+    const img = box.querySelector("img") || el("img", { alt: `Frame at ${Number(event.started).toFixed(2)} s` });
+    img.src = url;
+    if (!img.isConnected) box.prepend(img);
+  } else if (failure) {
+    box.replaceChildren(el("span", { class: "muted small", text: failure }));
+  }
+}
+
+async function playAlertClip(event, node) {
+  const box = node.querySelector(".alert-clip");
+  const id = state.sessionId;
+  let url = state.alertClips.get(event.event_id);
+  if (!url) {
+    box.replaceChildren(el("span", { class: "muted small", text: "Loading the clip…" }));
+    try {
+      const response = await api(event.clip_url, { raw: true });
+      const blob = await response.blob();
+      if (state.sessionId !== id) return;
+      url = URL.createObjectURL(blob);
+      state.alertClips.set(event.event_id, url);
+    } catch (error) {
+      const text = error.status === 410 ? "The clip has expired." : `No clip: ${error.message}`;
+      box.replaceChildren(el("span", { class: "muted small", text }));
+      return;
+    }
+  }
+  box.replaceChildren(
+    el("video", { src: url, controls: true, autoplay: true, muted: true, playsinline: true, "aria-label": "Event clip" }),
+  );
+}
+
+function alertFeedNode(entry) {
+  const event = entry.event;
+  const rise = event.edge === "rise";
+  const confidence = event.confidence == null ? "" : ` · confidence ${Number(event.confidence).toFixed(2)}`;
+  const media = rise
+    ? `at ${Number(event.started).toFixed(1)} s`
+    : `${Number(event.started).toFixed(1)}–${Number(event.ended).toFixed(1)} s`;
+  const node = el(
+    "li",
+    { class: "alert-event", "data-event": event.event_id, "data-edge": event.edge },
+    el(
+      "div",
+      { class: "alert-line" },
+      el("span", { class: "badge badge-edge", "data-edge": event.edge, text: rise ? "rise" : "fall" }),
+      el("span", { class: "alert-condition", text: event.condition }),
+    ),
+    el("p", { class: "muted small", text: `${clock(event.time)} · ${media}${confidence}` }),
+  );
+  if (rise) {
+    const box = el("div", { class: "alert-evidence" });
+    const clip = el(
+      "div",
+      { class: "alert-clip" },
+      el("button", { type: "button", class: "btn btn-small", text: "Play clip", onclick: () => playAlertClip(event, node) }),
+    );
+    box.append(clip);
+    node.append(box);
+    const url = state.alertThumbs.get(event.event_id);
+    if (url) fillEvidence(node, event, url, "");
+  }
+  return node;
+}
+
+function renderAlertFeed() {
+  const nodes = state.alertFeed.map((entry) => {
+    let node = state.alertNodes.get(entry.key);
+    if (!node) {
+      node = alertFeedNode(entry);
+      state.alertNodes.set(entry.key, node);
+    }
+    return node;
+  });
+  $("alert-feed").replaceChildren(...nodes);
+  $("alert-feed-empty").hidden = nodes.length > 0;
+}
+
+function renderAlertMarkers(pct) {
+  const lane = $("lane-alerts");
+  lane.replaceChildren();
+  for (const event of state.alertEvents.values()) {
+    const ended = event.ended ?? null;
+    const span = ended === null ? `from ${Number(event.started).toFixed(1)} s` : segmentLabel({ start: event.started, end: ended });
+    const marker = el("button", {
+      type: "button",
+      class: "alert-marker",
+      "data-event": event.event_id,
+      "data-started": event.started,
+      "data-ended": ended === null ? null : ended,
+      "aria-label": `alert ${event.condition}, ${span}`,
+      title: `${event.condition}\n${span}`,
+      onclick: () =>
+        showSegment(
+          { id: event.event_id, question: event.condition },
+          { start: event.started, end: ended ?? event.started },
+          `alert:${event.event_id}`,
+        ),
+    });
+    marker.style.left = pct(event.started);
+    marker.style.width = ended === null ? "" : `max(4px, calc(${pct(ended)} - ${pct(event.started)}))`;
+    lane.append(marker);
   }
 }
 
@@ -962,6 +1284,10 @@ function wire() {
     }
   });
   $("cancel-button").addEventListener("click", cancel);
+  $("alert-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    addAlert();
+  });
   $("pull-form").addEventListener("submit", async (event) => {
     event.preventDefault();
     const source = $("pull-source").value.trim();
@@ -991,10 +1317,16 @@ function wire() {
   setInterval(() => {
     if (document.visibilityState === "visible" && document.body.dataset.auth !== "refused") refreshSessions();
   }, SESSIONS_REFRESH_MS);
+  setInterval(() => {
+    if (state.sessionId && document.visibilityState === "visible" && document.body.dataset.auth !== "refused") {
+      refreshAlerts();
+    }
+  }, ALERTS_REFRESH_MS);
 }
 
 wire();
 updatePublishControls();
+updateAlertControls();
 resetSessionView();
 refreshSessions();
 const initial = sessionFromHash();
