@@ -341,6 +341,9 @@ class AlertManager:
                 404, "unknown_alert", f"session {session.id} has no alert {alert_id!r}"
             )
         session.engine.unwatch(session.id, alert_id)
+        if alert.active and alert.current is not None:  # its event ends with it
+            alert.active = False
+            self._emit(held, alert, "fall", alert.evaluated_at)
         await self._save(held)
         return alert
 

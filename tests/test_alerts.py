@@ -255,14 +255,33 @@ def test_bad_alert_requests_get_clear_errors(tiny_model, clip, redis_server) -> 
             first = client.get(url, headers=AUTH).json()["alerts"][0]["id"]
             ws.send_json({"type": "unwatch", "id": "w2", "alert_id": first})
             receive_until(ws, "unwatched", message_id="w2")
-            ws.send_json({"type": "watch", "id": "w3", "condition": "a red ball is visible"})
+            ws.send_json(
+                {"type": "watch", "id": "w3", "condition": "a red ball is visible", "threshold": 0}
+            )
             watching, _ = receive_until(ws, "watching", message_id="w3")
             assert watching["alert"]["condition"] == "a red ball is visible"
+            mine = watching["alert"]["id"]
+            rise = _next_alert(ws, mine)
+            # Removing an active alert ends its event: the fall goes out at its last evaluation.
+            removed = client.delete(f"{url}/{mine}", headers=AUTH).json()
+            fall = _next_alert(ws, mine)
+            assert (fall["edge"], fall["event_id"]) == ("fall", rise["event_id"])
+            assert fall["ended"] == removed["evaluated_at"]
+            ws.send_json({"type": "watch", "id": "w5", "condition": "a red ball is visible"})
+            receive_until(ws, "watching", message_id="w5")
             ws.send_json({"type": "unwatch", "id": "w4", "alert_id": "al_nope"})
             error, _ = receive_until(ws, "error", message_id="w4")
             assert error["code"] == "unknown_alert"
         assert len(client.get(url, headers=AUTH).json()["alerts"]) == 2
         assert service.sessions[sid].state.label in ("live", "starting", "stalled")
+
+
+def _next_alert(ws, alert_id: str) -> dict:
+    """The next alert event of one alert (the session's other alerts may fire meanwhile)."""
+    while True:
+        event, _ = receive_until(ws, "alert")
+        if event["alert_id"] == alert_id:
+            return event
 
 
 def test_definitions_survive_a_restart(tiny_model, clip, redis_server) -> None:
