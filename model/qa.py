@@ -57,7 +57,7 @@ _FIRST = (
     "When is the {o} visible for the first time?",
 )
 _AT = ("Is there a {o} at {t}s?", "Is the {o} visible at {t}s?")
-STANDING_TEMPLATE = "Is it true now that {condition}? Answer yes or no."
+STANDING_TEMPLATE = "Answer yes or no: is it true now that {condition}?"
 """How an alert's condition (a statement) becomes its yes/no question (stream/alerts.py)."""
 _NOW = (
     "Is a {o} visible now?",

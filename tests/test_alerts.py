@@ -84,7 +84,7 @@ def test_edges_have_hysteresis_and_a_cooldown() -> None:
 
 def test_the_standing_question_is_the_condition_asked() -> None:
     assert standing_question("a red ball is visible") == (
-        "Is it true now that a red ball is visible? Answer yes or no."
+        "Answer yes or no: is it true now that a red ball is visible?"
     )
     assert standing_question("  Is the conveyor stopped? ") == "Is the conveyor stopped?"
 

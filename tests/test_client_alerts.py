@@ -137,7 +137,7 @@ def test_client_adds_lists_watches_and_removes_alerts(server, clip) -> None:
     sid, alert, rise, stored, jpeg, mp4 = asyncio.run(scenario())
     assert alert.id.startswith("al_") and alert.session_id == sid and alert.secret is None
     assert (alert.every, alert.cooldown, alert.threshold, alert.hysteresis) == (0.5, 30, 0.0, 0.1)
-    assert alert.question == f"Is it true now that {CONDITION}? Answer yes or no."
+    assert alert.question == f"Answer yes or no: is it true now that {CONDITION}?"
     assert (rise.alert_id, rise.edge, rise.condition, rise.ended) == (
         alert.id,
         "rise",
@@ -208,7 +208,7 @@ def test_cli_alerts_add_list_watch_rm(server, clip, capsys) -> None:
         [line_id, line_question] = out.splitlines()
         alert_id = line_id.removeprefix("alert: ")
         assert alert_id.startswith("al_") and "secret" not in out and err == ""
-        assert line_question == f"question: Is it true now that {CONDITION}? Answer yes or no."
+        assert line_question == f"question: Answer yes or no: is it true now that {CONDITION}?"
         code, out, err = _run(
             capsys, "alerts", "add", sid, "a blue box is visible", "--threshold", "1",
             "--every", "2", "--cooldown", "5", "--webhook", "http://127.0.0.1:9/hook", *auth,
