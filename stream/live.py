@@ -27,6 +27,7 @@ import numpy as np
 
 from livelens.model.engine import Answer, AppendResult, Engine, FrameCallbacks, QuestionJob
 from livelens.model.sampling import SamplingParams
+from livelens.stream.frames import DecodedFrame
 from livelens.stream.grid import Grid, choose_grid, resize_to_grid
 from livelens.stream.lifecycle import EndCode
 from livelens.stream.protocol import (
@@ -40,7 +41,6 @@ from livelens.stream.protocol import (
     dump,
 )
 from livelens.stream.sampler import FpsSampler
-from livelens.stream.sources.file import DecodedFrame
 from livelens.stream.stages import FrameStage
 from livelens.stream.thumbnails import DEFAULT_CAPACITY, ThumbnailRing
 

@@ -25,6 +25,7 @@ from livelens.model.runner import ModelRunner
 from livelens.model.scheduler import Refusal, Refused
 from livelens.stream.alerts import DEFAULT_MAX_ALERTS, AlertManager
 from livelens.stream.errors import SourceError
+from livelens.stream.frames import DecodedFrame
 from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, MIN_TOKENS_PER_FRAME
 from livelens.stream.lifecycle import EndCode
 from livelens.stream.limits import LimitsConfig
@@ -37,7 +38,6 @@ from livelens.stream.registry import (
     SessionRecord,
     validate_session_id,
 )
-from livelens.stream.sources.file import DecodedFrame
 from livelens.stream.sources.policy import PullTarget, SourcePolicy, SourceRefused, operator_target
 from livelens.stream.sources.pull import PullConfig, PullSource, SourceEvent
 from livelens.stream.thumbnails import DEFAULT_CAPACITY

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 
-from livelens.stream.sources.file import DecodedFrame
+from livelens.stream.frames import DecodedFrame
 
 logger = logging.getLogger(__name__)
 

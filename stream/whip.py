@@ -39,6 +39,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from livelens.stream.auth import AuthError, KeyRing, Scope, bearer
+from livelens.stream.frames import DecodedFrame
 from livelens.stream.lifecycle import EndCode
 from livelens.stream.protocol import error_responses
 from livelens.stream.sdp_checks import (
@@ -48,7 +49,6 @@ from livelens.stream.sdp_checks import (
     check_setup,
     parse_candidate,
 )
-from livelens.stream.sources.file import DecodedFrame
 from livelens.stream.sources.webrtc import WebRTCSource
 
 logger = logging.getLogger(__name__)
