@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from livelens.stream.errors import SourceError
+from livelens.stream.errors import SourceError, UsageError
 from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, MIN_TOKENS_PER_FRAME
 
 if TYPE_CHECKING:
@@ -46,10 +46,6 @@ _LOCAL_ASK_FLAGS = {
     "chunk": "--chunk",
 }
 CLIENT_COMMANDS = ("publish", "sessions", "watch", "alerts")
-
-
-class UsageError(ValueError):
-    """A command-line value is out of range; reported as one line."""
 
 
 def _number(flag: str, value: str, *, zero_ok: bool) -> float:

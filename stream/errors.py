@@ -8,3 +8,7 @@ class SourceError(Exception):
 
     The CLI prints it as ``error: <message>`` and exits non-zero without a traceback.
     """
+
+
+class UsageError(ValueError):
+    """A command-line value is out of range; reported as one line (`livelens` exits 2)."""

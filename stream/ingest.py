@@ -13,6 +13,7 @@ from types import TracebackType
 import numpy as np
 
 from livelens.stream.errors import SourceError
+from livelens.stream.frames import DecodedFrame
 from livelens.stream.grid import (
     DEFAULT_TOKENS_PER_FRAME,
     MIN_TOKENS_PER_FRAME,
@@ -21,7 +22,7 @@ from livelens.stream.grid import (
     resize_to_grid,
 )
 from livelens.stream.sampler import FpsSampler
-from livelens.stream.sources.file import DecodedFrame, FileSource
+from livelens.stream.sources.file import FileSource
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,13 @@
 """A live session: decoded frames in (from any source), sampled frames to the model, answers out.
 
 Sources call `push()` for every decoded frame, from their own thread or the event loop; it only
-counts, samples by media time, and converts the few sampled frames to the session grid before
-handing them to the engine's bounded inbox. Answers and status go to the watchers (one per
-websocket) through bounded asyncio queues; the model's callbacks hop onto the loop first.
+counts and samples by media time. The few sampled frames are resized to the session grid, kept
+as a JPEG thumbnail and handed to the engine's bounded inbox, never on the event loop: frames
+pushed on the loop (a WHIP track) go to the session's `FrameStage` (stream/stages.py), a worker;
+a pull source's own thread converts them itself, so a file read faster than real time is held
+back rather than dropped. Answers and status go to the
+watchers (one per websocket) through bounded asyncio queues; the model's callbacks hop onto the
+loop first.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -22,6 +27,7 @@ import numpy as np
 
 from livelens.model.engine import Answer, AppendResult, Engine, FrameCallbacks, QuestionJob
 from livelens.model.sampling import SamplingParams
+from livelens.stream.frames import DecodedFrame
 from livelens.stream.grid import Grid, choose_grid, resize_to_grid
 from livelens.stream.lifecycle import EndCode
 from livelens.stream.protocol import (
@@ -35,7 +41,7 @@ from livelens.stream.protocol import (
     dump,
 )
 from livelens.stream.sampler import FpsSampler
-from livelens.stream.sources.file import DecodedFrame
+from livelens.stream.stages import FrameStage
 from livelens.stream.thumbnails import DEFAULT_CAPACITY, ThumbnailRing
 
 logger = logging.getLogger(__name__)
@@ -129,7 +135,10 @@ class LiveSession:
         on_history: HistorySink,
         on_state: Callable[[LiveSession], None],
         metrics: Any = None,
+        executor: Executor | None = None,
     ) -> None:
+        """executor: where sampled frames are resized and thumbnailed (the service's pool);
+        None: in the caller's thread."""
         self.id = session_id
         self.kind = kind
         self.source = source
@@ -170,6 +179,10 @@ class LiveSession:
         """An ended session's record has the stats of everything its model took in."""
         self.history_writes: set[asyncio.Task[object]] = set()
         """History entries being written (awaited when the server drains)."""
+        self.stage = FrameStage(self._convert, executor, name=session_id)
+        self._loop_thread = threading.get_ident()
+        """The event loop's thread (sessions are made on it): frames pushed there go to the
+        stage's workers; a source's own thread converts them itself."""
 
     @property
     def session_id(self) -> str:
@@ -202,8 +215,17 @@ class LiveSession:
             self.loop.call_soon_threadsafe(self._set_state, State.LIVE, None)
         if self.grid is None or not self.model_started:
             return
-        # Conversion and resizing only for sampled frames: the rest are never looked at.
-        image = resize_to_grid(decoded.frame, self.grid)
+        if threading.get_ident() == self._loop_thread:
+            self.stage.put(decoded)  # a WHIP track, read on the loop: convert elsewhere
+        else:
+            self._convert(decoded)  # a pull source's own thread: convert here (backpressure)
+
+    def _convert(self, decoded: DecodedFrame) -> None:
+        """The stage's work (a worker thread): only sampled frames are ever converted."""
+        grid = self.grid
+        if grid is None or not self.model_started:
+            return
+        image = resize_to_grid(decoded.frame, grid)
         self.last_sampled = (decoded.time, image)
         self.engine.submit_frame(self.id, image, decoded.time)
         self.thumbnails.add(decoded.time, image)
@@ -513,7 +535,7 @@ class LiveSession:
                 end_code=self.end_code,
                 frames_received=self.frames_received,
                 frames_sampled=self.frames_sampled,
-                frames_dropped=self.engine.dropped(self.id),
+                frames_dropped=self.engine.dropped(self.id) + self.stage.dropped,
                 frames_in_model=stats.frames if stats else 0,
                 kept_tokens=stats.kept_tokens if stats else 0,
                 total_tokens=stats.total_tokens if stats else 0,
@@ -548,6 +570,7 @@ class LiveSession:
 
     def release_model(self) -> None:
         """Drop the session's KV blocks (the session is gone or its retention ran out)."""
+        self.stage.close()
         self.engine.close_session(self.id)
         self.model_started = False
 

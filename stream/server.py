@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from livelens.stream.errors import UsageError
+
 if TYPE_CHECKING:
     from livelens.stream.service import LiveService
     from livelens.stream.sources.policy import SourcePolicy
@@ -95,12 +97,8 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         if value is None:
             continue  # --tokens-per-frame: the checkpoint decides, below
         if value <= 0 or (flag == "--port" and value > 65535):
-            from livelens.stream.cli import UsageError
-
             raise UsageError(f"{flag} out of range: {value}")
     if args.tokens_per_frame is not None and args.tokens_per_frame < MIN_TOKENS_PER_FRAME:
-        from livelens.stream.cli import UsageError
-
         raise UsageError(f"--tokens-per-frame must be >= {MIN_TOKENS_PER_FRAME}")
     try:
         limits = limit_flags.from_args(args)
@@ -110,8 +108,6 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
                 f"({args.max_sessions})"
             )
     except ValueError as exc:
-        from livelens.stream.cli import UsageError
-
         raise UsageError(str(exc)) from None
     window = None
     if args.window != "auto":
@@ -119,14 +115,10 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
     try:
         KVBudget.parse(args.kv_budget)
     except ValueError as exc:
-        from livelens.stream.cli import UsageError
-
         raise UsageError(f"--kv-budget: {exc}") from None
     sources = source_policy(args)
     webhooks = webhook_policy(args)
     if args.max_alerts_per_session < 0:
-        from livelens.stream.cli import UsageError
-
         raise UsageError(f"--max-alerts-per-session out of range: {args.max_alerts_per_session}")
     redis_url = None if args.redis_url.lower() in ("", "none") else args.redis_url
 
@@ -187,7 +179,6 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
 
 def webhook_policy(args: argparse.Namespace) -> WebhookPolicy:
     """Where alert webhooks may go: --alert-webhook-allow and $LIVELENS_ALERT_WEBHOOKS."""
-    from livelens.stream.cli import UsageError
     from livelens.stream.webhooks import WebhookPolicy, parse_webhook_allow_list
 
     values = [*args.alert_webhook_allow, os.environ.get("LIVELENS_ALERT_WEBHOOKS", "")]
@@ -199,7 +190,6 @@ def webhook_policy(args: argparse.Namespace) -> WebhookPolicy:
 
 def source_policy(args: argparse.Namespace) -> SourcePolicy:
     """The source policy from --allow-source, --media-root, --source-ca-file and their env vars."""
-    from livelens.stream.cli import UsageError
     from livelens.stream.sources.policy import SourcePolicy, parse_allow_list
 
     env = os.environ.get

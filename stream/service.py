@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from livelens.model.runner import ModelRunner
 from livelens.model.scheduler import Refusal, Refused
 from livelens.stream.alerts import DEFAULT_MAX_ALERTS, AlertManager
 from livelens.stream.errors import SourceError
+from livelens.stream.frames import DecodedFrame
 from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, MIN_TOKENS_PER_FRAME
 from livelens.stream.lifecycle import EndCode
 from livelens.stream.limits import LimitsConfig
@@ -36,7 +38,6 @@ from livelens.stream.registry import (
     SessionRecord,
     validate_session_id,
 )
-from livelens.stream.sources.file import DecodedFrame
 from livelens.stream.sources.policy import PullTarget, SourcePolicy, SourceRefused, operator_target
 from livelens.stream.sources.pull import PullConfig, PullSource, SourceEvent
 from livelens.stream.thumbnails import DEFAULT_CAPACITY
@@ -153,6 +154,10 @@ class LiveService:
         """Set by drain(): no new sessions or questions are admitted."""
         self._alerts: AlertManager | None = None
         self._webhooks: WebhookSender | None = None
+        self.frame_workers = ThreadPoolExecutor(
+            max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="livelens-frames"
+        )
+        """Resize + thumbnail of every session's sampled frames (stream/stages.py)."""
 
     @property
     def alerts(self) -> AlertManager:
@@ -251,6 +256,7 @@ class LiveService:
         await asyncio.sleep(0)  # let the state announcements run
         for session in ending:
             await self._sync_record(session)
+        await asyncio.to_thread(self.frame_workers.shutdown, wait=True, cancel_futures=True)
         if self._engine is not None:
             await asyncio.to_thread(self._engine.stop)
         if self._webhooks is not None:
@@ -313,6 +319,7 @@ class LiveService:
             on_history=self.registry.append_history,
             on_state=self._state_changed,
             metrics=self.metrics,
+            executor=self.frame_workers,
         )
         self.sessions[session.id] = session
         self._spawn(self._register(session))

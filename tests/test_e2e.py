@@ -131,6 +131,9 @@ def test_ffmpeg_whip_muxer_publishes_and_questions_are_answered(server, tmp_path
         session = service.sessions[sid]
         assert session.kind == "whip" and "Lavf/" in session.source
         wait_for(lambda: session.status()["frames_in_model"] >= 2, timeout=30)
+        # The track is read on the event loop; its sampled frames were resized and
+        # thumbnailed by the frame workers, not there.
+        assert session.stage.converted >= 2 and session.stage.dropped == 0
         # The counter in the sampled frame matches its media time (frame i is sent at i / fps).
         t, image = session.last_sampled
         assert abs(read_index(image) - round(t * fps)) <= 1

@@ -24,7 +24,7 @@ from media_servers import (
 from videos import Video, make_audio_only, make_video, read_index
 
 from livelens.stream.errors import SourceError
-from livelens.stream.sources.file import DecodedFrame
+from livelens.stream.frames import DecodedFrame
 from livelens.stream.sources.pull import PullConfig, PullSource, SourceEvent
 
 FPS = 10

@@ -39,8 +39,8 @@ from fastapi.testclient import TestClient
 from videos import index_pattern, read_index
 from y4m import write_y4m
 
+from livelens.stream.frames import DecodedFrame
 from livelens.stream.lifecycle import EndCode
-from livelens.stream.sources.file import DecodedFrame
 from livelens.stream.whip import (
     REASON_CLOSED,
     REASON_DELETE,

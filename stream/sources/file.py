@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -14,6 +13,7 @@ import av
 import av.stream
 
 from livelens.stream.errors import SourceError
+from livelens.stream.frames import DecodedFrame, SourceStats
 
 logger = logging.getLogger(__name__)
 
@@ -23,33 +23,6 @@ _MAX_CONSECUTIVE_DEMUX_ERRORS = 32
 _MAX_WARNINGS_PER_KIND = 5
 # Frame spacing assumed when a stream carries no timestamps and no frame rate (FFmpeg's default).
 _FALLBACK_FRAME_DURATION = Fraction(1, 25)
-
-
-@dataclass(frozen=True)
-class DecodedFrame:
-    """One decoded frame, still in the decoder's pixel format (RGB only for sampled frames)."""
-
-    time: float
-    """Media seconds from the stream's first frame (the first frame is 0.0)."""
-    frame: av.VideoFrame
-
-
-@dataclass
-class SourceStats:
-    """Counters of what decoding a file met, for logs and the CLI summary."""
-
-    packets: int = 0
-    """Video packets read (end-of-stream flush packets excluded)."""
-    frames: int = 0
-    """Frames decoded and yielded."""
-    corrupt_packets: int = 0
-    """Packets the demuxer flagged corrupt; they are still decoded (decoders conceal damage)."""
-    decode_errors: int = 0
-    """Packets the decoder rejected; skipped."""
-    demux_errors: int = 0
-    """Read errors the demuxer was restarted after."""
-    dropped_frames: int = 0
-    """Frames dropped because their time was not after the previous frame's."""
 
 
 class FileSource:

@@ -30,7 +30,7 @@ import av
 import av.stream
 from av.container import InputContainer
 
-from livelens.stream.sources.file import DecodedFrame, SourceStats
+from livelens.stream.frames import DecodedFrame, SourceStats
 from livelens.stream.sources.policy import PullTarget, operator_target
 
 logger = logging.getLogger(__name__)

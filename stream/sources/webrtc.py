@@ -11,7 +11,7 @@ from fractions import Fraction
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from livelens.stream.sources.file import DecodedFrame
+from livelens.stream.frames import DecodedFrame
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,39 @@
+"""The frame types every stage shares: what sources decode, what the sampler and the engine see.
+
+A source (a WHIP track, a pull thread, a file) yields `DecodedFrame`s with media times that start
+at 0 and only increase; `SourceStats` counts what decoding met. stream/live.py takes them from
+there (sampler -> resize + thumbnail -> engine; stream/stages.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import av
+
+
+@dataclass(frozen=True)
+class DecodedFrame:
+    """One decoded frame, still in the decoder's pixel format (RGB only for sampled frames)."""
+
+    time: float
+    """Media seconds from the stream's first frame (the first frame is 0.0)."""
+    frame: av.VideoFrame
+
+
+@dataclass
+class SourceStats:
+    """Counters of what decoding a file met, for logs and the CLI summary."""
+
+    packets: int = 0
+    """Video packets read (end-of-stream flush packets excluded)."""
+    frames: int = 0
+    """Frames decoded and yielded."""
+    corrupt_packets: int = 0
+    """Packets the demuxer flagged corrupt; they are still decoded (decoders conceal damage)."""
+    decode_errors: int = 0
+    """Packets the decoder rejected; skipped."""
+    demux_errors: int = 0
+    """Read errors the demuxer was restarted after."""
+    dropped_frames: int = 0
+    """Frames dropped because their time was not after the previous frame's."""
