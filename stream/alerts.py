@@ -34,6 +34,7 @@ from PIL import Image
 from livelens.model.engine import Probe
 from livelens.model.qa import standing_question
 from livelens.model.sampling import SessionError
+from livelens.stream.errors import ServiceError
 from livelens.stream.live import LiveSession, iso
 from livelens.stream.protocol import MAX_CONDITION_CHARS, AlertRequest
 from livelens.stream.webhooks import (
@@ -57,14 +58,6 @@ CLIP_AFTER_S = 2.0
 """An event's clip: the sampled frames from this long before to this long after its rise."""
 MAX_EVIDENCE = 32
 """Events per session whose evidence (thumbnail, clip frames) stays in memory."""
-
-
-class AlertError(Exception):
-    """A refused alert request; `status` is the HTTP status, `code` the stable reason."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
 
 
 def new_id(prefix: str) -> str:
@@ -178,9 +171,9 @@ class AlertState:
 
 def check_condition(condition: str) -> str:
     if not condition.strip():
-        raise AlertError(422, "empty_condition", "the condition is empty")
+        raise ServiceError(422, "empty_condition", "the condition is empty")
     if len(condition) > MAX_CONDITION_CHARS:
-        raise AlertError(
+        raise ServiceError(
             422,
             "condition_too_long",
             f"the condition has {len(condition)} characters; the limit is {MAX_CONDITION_CHARS}",
@@ -299,11 +292,11 @@ class AlertManager:
 
     # ---------------------------------------------------------------------------- the API
     async def create(self, session: LiveSession, request: AlertRequest) -> AlertState:
-        """Add an alert; AlertError when refused. The secret is on the returned state."""
+        """Add an alert; ServiceError when refused. The secret is on the returned state."""
         condition = check_condition(request.condition)
         held = self._held(session)
         if len(held.alerts) >= self.max_alerts:
-            raise AlertError(
+            raise ServiceError(
                 409,
                 "too_many_alerts",
                 f"the session has {len(held.alerts)} alerts, its limit; remove one first",
@@ -313,7 +306,7 @@ class AlertManager:
             try:
                 target = await self.policy.acheck(request.webhook)
             except WebhookRefused as exc:
-                raise AlertError(
+                raise ServiceError(
                     403 if exc.code == "webhook_not_allowed" else 422, exc.code, exc.message
                 ) from None
             webhook = target.url
@@ -337,7 +330,7 @@ class AlertManager:
         held = self._held(session)
         alert = held.alerts.pop(alert_id, None)
         if alert is None:
-            raise AlertError(
+            raise ServiceError(
                 404, "unknown_alert", f"session {session.id} has no alert {alert_id!r}"
             )
         session.engine.unwatch(session.id, alert_id)
@@ -355,7 +348,7 @@ class AlertManager:
         held = self._sessions.get(session_id)
         alert = held.alerts.get(alert_id) if held else None
         if alert is None:
-            raise AlertError(
+            raise ServiceError(
                 404, "unknown_alert", f"session {session_id} has no alert {alert_id!r}"
             )
         return alert
@@ -364,7 +357,7 @@ class AlertManager:
         held = self._sessions.get(session_id)
         found = held.evidence.get(event_id) if held else None
         if found is None:
-            raise AlertError(
+            raise ServiceError(
                 410, "evidence_expired", f"no evidence of event {event_id!r} is held any more"
             )
         if held is not None:
@@ -400,7 +393,7 @@ class AlertManager:
                 on_error=on_error,
             )
         except (KeyError, SessionError) as exc:
-            raise AlertError(
+            raise ServiceError(
                 410, "session_released", f"the session's video is no longer held: {exc}"
             ) from None
         held.alerts[alert.id] = alert

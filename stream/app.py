@@ -27,9 +27,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from livelens.clients import CONSOLE_DIR
 from livelens.model.sampling import SessionError
 from livelens.stream import redact
-from livelens.stream.alerts import AlertError, AlertState, encode_clip
+from livelens.stream.alerts import AlertState, encode_clip
 from livelens.stream.auth import KeyRing, KeysFileError, Tickets
 from livelens.stream.auth_guard import SCOPE_KEY, AuthGuard
+from livelens.stream.errors import ServiceError
 from livelens.stream.http_limits import BodyLimit
 from livelens.stream.live import LiveSession, State, Watcher, iso
 from livelens.stream.protocol import (
@@ -46,7 +47,7 @@ from livelens.stream.protocol import (
     error_responses,
     parse_client_message,
 )
-from livelens.stream.service import DRAINING_MESSAGE, LiveService, ServiceError
+from livelens.stream.service import DRAINING_MESSAGE, LiveService
 from livelens.stream.whip import WhipIngest, WhipSettings, whip_router
 
 logger = logging.getLogger(__name__)
@@ -127,10 +128,6 @@ def create_app(
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.message)
-
-    @app.exception_handler(AlertError)
-    async def alert_error(_: Request, exc: AlertError) -> JSONResponse:
         return _error(exc.status, exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)
@@ -518,7 +515,7 @@ def create_app(
                 await service.alerts.delete(session, message.alert_id)
                 reply = {"type": "unwatched", "id": message.id, "alert_id": message.alert_id}
             elif session.state >= State.ENDED:
-                raise AlertError(410, "session_ended", f"session {session.id} has ended")
+                raise ServiceError(410, "session_ended", f"session {session.id} has ended")
             else:
                 request = AlertRequest(**message.model_dump(exclude={"type", "id"}))
                 alert = await service.alerts.create(session, request)
@@ -528,7 +525,7 @@ def create_app(
                     "alert": alert.to_json(),
                     "secret": alert.secret,
                 }
-        except AlertError as exc:
+        except ServiceError as exc:
             reply = dump(ErrorMessage(id=message.id, code=exc.code, message=exc.message))
         watcher.send(reply)
 

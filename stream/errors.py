@@ -10,5 +10,17 @@ class SourceError(Exception):
     """
 
 
+class ServiceError(Exception):
+    """A request the service refuses, over HTTP or the websocket: `status` is the HTTP status to
+    answer with, `code` the stable machine-readable reason, `message` one line for people.
+
+    The one error type of the API layers (sessions, alerts, WHIP's `WhipError` is one); the app
+    answers each with `{"error": {"code", "message"}}`."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
 class UsageError(ValueError):
     """A command-line value is out of range; reported as one line (`livelens` exits 2)."""

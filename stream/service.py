@@ -24,7 +24,7 @@ from livelens.model.kv import DEFAULT_KV_BUDGET
 from livelens.model.runner import ModelRunner
 from livelens.model.scheduler import Refusal, Refused
 from livelens.stream.alerts import DEFAULT_MAX_ALERTS, AlertManager
-from livelens.stream.errors import SourceError
+from livelens.stream.errors import ServiceError, SourceError
 from livelens.stream.frames import DecodedFrame
 from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, MIN_TOKENS_PER_FRAME
 from livelens.stream.lifecycle import EndCode
@@ -114,14 +114,6 @@ class ServiceConfig:
                 f"limits.max_held_sessions ({self.limits.max_held_sessions}) must be >= "
                 f"max_sessions ({self.max_sessions})"
             )
-
-
-class ServiceError(Exception):
-    """A request the service refuses; `status` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
 
 
 class SessionRefused(RuntimeError):

@@ -14,6 +14,7 @@ from aiortc.rtcpeerconnection import is_codec_compatible
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.sdp import SessionDescription
 
+from livelens.stream.errors import ServiceError
 from livelens.stream.sdp_checks import (
     DIRECTIONS,
     check_direction,
@@ -35,14 +36,9 @@ _NOT_MEDIA_CODECS = {"rtx", "red", "ulpfec", "flexfec-03"}
 _STATIC_PAYLOAD_TYPES = {0: ("PCMU", 8000), 8: ("PCMA", 8000), 9: ("G722", 8000)}
 
 
-class WhipError(Exception):
-    """A request the WHIP endpoint refuses: HTTP status, a stable code and a one-line message."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+class WhipError(ServiceError):
+    """A request the WHIP endpoint refuses: HTTP status, a stable code and a one-line message
+    (answered by the WHIP router itself, with its CORS headers)."""
 
 
 @dataclass(frozen=True)
