@@ -25,6 +25,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -87,6 +88,8 @@ class Answer:
     prefill_seconds: float
     """From the question's fork until its first token was chosen (time to first token)."""
     total_seconds: float
+    recalled: tuple[float, ...] = ()
+    """Media times of the frames from before the window the answer also saw (`memory`)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,9 @@ class SessionStats:
     frames_left: int = 0
     """Frames that have left the window."""
     slides: int = 0
+    memory_start: float | None = None
+    """Media time of the oldest frame kept for recall (None: no memory)."""
+    memory_frames: int = 0
 
     @property
     def kept_ratio(self) -> float:
@@ -127,6 +133,9 @@ class QuestionJob:
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    memory: str = "auto"
+    """Frames from before the window: "auto" (recalled unless the question is about now:
+    `wants_memory`), "recall" (always), "window" (never)."""
 
     def cancel(self) -> None:
         """Stop the answer at the next step (or never start it); on_error gets no call."""
@@ -190,6 +199,8 @@ class EngineConfig:
     sessions: int = 1
     """Sessions the pool is meant to hold at once (the service's --max-sessions): default
     windows are sized from an even share of it."""
+    recall_frames: int = 32
+    """At most this many frames from before the window join a question that recalls."""
     skip_unchanged: bool = True
     """Standing questions: skip an evaluation when DiffFP found no changed token since the last
     one (the model would see the same video but for the time labels)."""
@@ -198,6 +209,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_pending_frames < 1:
             raise ValueError(f"max_pending_frames must be >= 1, got {self.max_pending_frames}")
+        if self.recall_frames < 1:
+            raise ValueError(f"recall_frames must be >= 1, got {self.recall_frames}")
         if not 0 < self.slide_fraction < 1:
             raise ValueError(f"slide_fraction must be in (0, 1), got {self.slide_fraction}")
         KVBudget.parse(self.kv_budget)
@@ -242,6 +255,9 @@ class _Session:
     """Request ids waiting or running."""
     window: _Window | None = None
     """The sliding window's state (None: the video only grows)."""
+    recalls: list[tuple[QuestionJob, int]] = field(default_factory=list)
+    """Questions that recall older frames, waiting for the frames admitted before them (their
+    mark) to be prefilled, and for a slide in progress to end."""
     watches: dict[str, _Watch] = field(default_factory=dict)
     probes: set[str] = field(default_factory=set)
     """Request ids of standing-question evaluations waiting or running."""
@@ -275,6 +291,32 @@ class _Window:
     """Inputs of the rebuilt window's frames while a slide is in progress."""
     after: tuple[list[float], list[int], list[int], list[_Held]] | None = None
     """times, kept, prompt ids and held frames of the window once the slide completes."""
+    memory: _Memory | None = None
+    """Frames that left the window, kept for recall (None: they are forgotten)."""
+
+
+@dataclass
+class _Recalled:
+    """A frame that left the window: what a question that recalls it prefills again."""
+
+    time: float
+    features: torch.Tensor
+    """Its projected visual features as the window held them (host memory)."""
+    summary: torch.Tensor
+    """(D,) float32 unit vector: the mean feature, matched against the question's."""
+
+
+@dataclass
+class _Memory:
+    seconds: float
+    """Media seconds of stream before the window that are kept."""
+    frames: deque[_Recalled] = field(default_factory=deque)
+
+    def add(self, t: float, features: torch.Tensor) -> None:
+        mean = features.float().mean(0)
+        self.frames.append(_Recalled(t, features, mean / mean.norm().clamp_min(1e-6)))
+        while self.frames and t - self.frames[0].time > self.seconds:
+            self.frames.popleft()
 
 
 @dataclass
@@ -294,6 +336,10 @@ class _Active:
     watch: _Watch | None = None
     """Set for a standing question's evaluation (one token, its yes/no confidence)."""
     confidence: float | None = None
+    parent: str | None = None
+    """A recalling question runs on a context of its own (`request.session_id`, closed with
+    it); this is the session it was asked on."""
+    recalled: tuple[float, ...] = ()
 
 
 @dataclass
@@ -407,18 +453,23 @@ class Engine:
         min_tokens: int,
         callbacks: FrameCallbacks,
         window_s: float | None = None,
+        memory_s: float | None = None,
     ) -> None:
         """Set the session's frame grid, DiffFP settings and window (once, at its first frame).
 
         window_s: media seconds of video the session holds; older frames leave in slides of
         `slide_fraction` of it, the rest re-prefilled as one forward over the window (None: the
         video grows until the context is full).
+        memory_s: media seconds of stream before the window whose frames stay in host memory
+        for questions that recall them (None or 0: none; needs a window).
         """
         unit = self.runner.patch_size * self.runner.merge_size
         if height <= 0 or width <= 0 or height % unit or width % unit:
             raise SessionError(f"frame grid {height}x{width} must be positive multiples of {unit}")
         if window_s is not None and not (math.isfinite(window_s) and window_s > 0):
             raise SessionError(f"the window must be a positive number of seconds, got {window_s}")
+        if memory_s is not None and not (math.isfinite(memory_s) and memory_s >= 0):
+            raise SessionError(f"the memory must be >= 0 seconds, got {memory_s}")
         pruner = DiffFramePruner(
             threshold=threshold, min_tokens=min_tokens, device=self.runner.device
         )
@@ -432,6 +483,8 @@ class Engine:
             session.tokens_per_frame = (height // merged) * (width // merged)
             if window_s is not None:
                 session.window = _Window(window_s, window_s * self.config.slide_fraction)
+                if memory_s:
+                    session.window.memory = _Memory(memory_s)
 
     def close_session(self, key: str) -> None:
         """Forget a session: its frames are dropped, its questions cancelled (no callbacks),
@@ -444,6 +497,10 @@ class Engine:
                 active = self._active.pop(request_id, None)
                 if active is not None:
                     active.job.cancel()
+                    if active.parent is not None:  # its own context goes with it
+                        self._close_context(active.request.session_id)
+            for job, _ in session.recalls:
+                job.cancel()
             for _, job in [item for item in self._inbox if item[0] == key]:
                 job.cancel()
             self._inbox = deque(item for item in self._inbox if item[0] != key)
@@ -547,6 +604,7 @@ class Engine:
             if session is None:
                 return None
             view = self.scheduler.session(key)
+            memory = session.window.memory if session.window else None
             return SessionStats(
                 frames=len(session.times),
                 kept_tokens=sum(session.kept),
@@ -558,6 +616,8 @@ class Engine:
                 window_start=session.times[0] if session.times else None,
                 frames_left=session.window.left if session.window else 0,
                 slides=session.window.slides if session.window else 0,
+                memory_start=memory.frames[0].time if memory and memory.frames else None,
+                memory_frames=len(memory.frames) if memory else 0,
             )
 
     def session_record(self, key: str) -> _Session:
@@ -602,7 +662,10 @@ class Engine:
         if self._inbox or self.scheduler.num_waiting or self.scheduler.num_running:
             return True
         return any(
-            s.frames or s.inbox or (s.window is not None and s.window.rebuild is not None)
+            s.frames
+            or s.inbox
+            or s.recalls
+            or (s.window is not None and s.window.rebuild is not None)
             for s in self._sessions.values()
         )
 
@@ -680,6 +743,7 @@ class Engine:
         if session is None:
             return 0
         waiting = sum(1 for k, job in self._inbox if k == key and not job.cancelled.is_set())
+        waiting += sum(1 for job, _ in session.recalls if not job.cancelled.is_set())
         running = sum(
             1
             for rid in session.questions
@@ -704,8 +768,16 @@ class Engine:
             key, job = self._inbox.popleft()
             if job.cancelled.is_set() or key not in self._sessions:
                 continue
-            self._take_frames(self._sessions[key], everything=True, callbacks=callbacks)
-            self._add_question(key, job, callbacks)
+            session = self._sessions[key]
+            self._take_frames(session, everything=True, callbacks=callbacks)
+            if self._recalls(session, job):
+                mark = self.scheduler.session(key).frames_admitted
+                session.recalls.append((job, mark))
+            else:
+                self._add_question(key, job, callbacks)
+        for session in list(self._sessions.values()):
+            if session.recalls:
+                self._start_recalls(session, callbacks)
         for session in self._sessions.values():
             self._take_frames(session, everything=False, callbacks=callbacks)
 
@@ -815,6 +887,106 @@ class Engine:
             if request_id is not None:
                 watch.in_flight.add(request_id)
                 watch.changed = False
+
+    # ------------------------------------------------------------------ memory
+    def _recalls(self, session: _Session, job: QuestionJob) -> bool:
+        """Whether a question is answered over recalled older frames + the window."""
+        memory = session.window.memory if session.window is not None else None
+        if job.memory == "window" or memory is None or not memory.frames:
+            return False
+        return job.memory == "recall" or wants_memory(job.question)
+
+    def _start_recalls(self, session: _Session, callbacks: _Callbacks) -> None:
+        """Start the recalling questions whose frames are prefilled (not during a slide)."""
+        if session.window is not None and session.window.rebuild is not None:
+            return
+        view = self.scheduler.session(session.session_id)
+        waiting = []
+        for job, mark in session.recalls:
+            if job.cancelled.is_set():
+                continue
+            if view.frames_prefilled + view.frames_dropped < mark:
+                waiting.append((job, mark))
+                continue
+            self._recall(session, job, callbacks)
+        session.recalls = waiting
+
+    def _recall(self, session: _Session, job: QuestionJob, callbacks: _Callbacks) -> None:
+        """Answer over the older frames that best match the question, then the window, as one
+        context of its own: prefilled again from cached features (the vision tower never runs
+        again), the frames in time order with their original time labels."""
+        window = session.window
+        assert window is not None
+        try:
+            question = validate_question(job.question)
+        except SessionError as exc:
+            callbacks.add(job.on_error, exc)
+            return
+        chosen = self._select(session, self._tokenize(question))
+        key = f"{session.session_id}#recall{next(self._ids)}"
+        try:
+            self.scheduler.add_session(key)
+        except Refused as exc:  # the pool cannot hold it now: the window alone answers
+            logger.warning("session %s: answering without recall: %s", session.session_id, exc)
+            chosen = []
+        if not chosen:
+            self._add_question(session.session_id, job, callbacks)
+            return
+        context = _Session(key, deque(maxlen=1), "")
+        self._sessions[key] = context
+        frames = [(r.time, r.features) for r in chosen] + [
+            (t, held.kept)
+            for t, held in zip(session.times, window.held, strict=True)
+            if held.kept is not None
+        ]
+        pending = self.prompt.prefix
+        try:
+            for position, (t, features) in enumerate(frames):
+                ids = tuple(self._tokenize(pending + self.prompt.frame_label(position, t)))
+                pending = ""
+                frame = self.scheduler.add_frame(key, t, len(ids) + int(features.shape[0]))
+                context.frames[frame.index] = FrameInput(label_ids=ids, features=features)
+        except Refused as exc:
+            self._close_context(key)
+            callbacks.add(job.on_error, SessionError(str(exc)))
+            return
+        request_id = self._add_question(key, job, callbacks)
+        if request_id is None:
+            self._close_context(key)
+            return
+        active = self._active[request_id]
+        active.parent, active.recalled = session.session_id, tuple(r.time for r in chosen)
+        context.questions.discard(request_id)
+        session.questions.add(request_id)
+
+    def _select(self, session: _Session, question_ids: list[int]) -> list[_Recalled]:
+        """The remembered frames most like the question (cosine of mean features with the
+        question's mean token embedding), as many as `recall_frames` and the context allow,
+        in time order."""
+        assert session.window is not None and session.window.memory is not None
+        remembered = list(session.window.memory.frames)
+        if not remembered or not question_ids:
+            return []
+        with torch.inference_mode():
+            query = self.runner.embed_tokens(question_ids).float().mean(0).cpu()
+        query = query / query.norm().clamp_min(1e-6)
+        scores = torch.stack([r.summary for r in remembered]) @ query
+        video = self.scheduler.session(session.session_id).tokens
+        room = self.scheduler.config.max_video_tokens - video
+        chosen: list[_Recalled] = []
+        for i in torch.argsort(scores, descending=True).tolist():
+            need = int(remembered[i].features.shape[0]) + _LABEL_TOKENS
+            if len(chosen) == self.config.recall_frames:
+                break
+            if need <= room:
+                chosen.append(remembered[i])
+                room -= need
+        return sorted(chosen, key=lambda r: r.time)
+
+    def _close_context(self, key: str) -> None:
+        """Forget a recalling question's own context (its blocks go back to the pool)."""
+        if self._sessions.pop(key, None) is not None:
+            self.scheduler.close_session(key)
 
     # ---------------------------------------------------------------- results
     def _report_plan_events(self, plan: StepPlan, callbacks: _Callbacks) -> None:
@@ -956,7 +1128,12 @@ class Engine:
     def _finish_slide(self, session: _Session) -> None:
         window = session.window
         assert window is not None and window.after is not None
-        window.left += len(session.times) - len(window.after[0])
+        leaving = len(session.times) - len(window.after[0])
+        if window.memory is not None:
+            for t, held in zip(session.times[:leaving], window.held[:leaving], strict=True):
+                if held.kept is not None:
+                    window.memory.add(t, held.kept)
+        window.left += leaving
         session.times, session.kept, session.prompt_ids, window.held = window.after
         window.after, window.rebuild = None, None
         window.slides += 1
@@ -1000,6 +1177,7 @@ class Engine:
             stream_position=end,
             prefill_seconds=(active.first_token_at or now) - started,
             total_seconds=now - started,
+            recalled=active.recalled,
         )
         callbacks.add(job.on_done, answer)
 
@@ -1042,6 +1220,11 @@ class Engine:
                 session.probes.discard(request_id)
             if active.watch is not None:
                 active.watch.in_flight.discard(request_id)
+            if active.parent is not None:
+                parent = self._sessions.get(active.parent)
+                if parent is not None:
+                    parent.questions.discard(request_id)
+                self._close_context(active.request.session_id)
         return active
 
     # --------------------------------------------------------------- sampling
@@ -1060,6 +1243,12 @@ class Engine:
 
 
 # ----------------------------------------------------------------------- helpers
+_LABEL_TOKENS = 12
+"""Room counted for a recalled frame's `Time t:` label when filling the context."""
+_NOW = re.compile(
+    r"\b(now|currently|current|right now|at the moment|at present|still|live|latest|newest)\b",
+    re.IGNORECASE,
+)
 MAX_PROBES_IN_FLIGHT = 8
 """Evaluations of one standing question waiting or running at once."""
 _TIME_EPS = 1e-6
@@ -1110,6 +1299,13 @@ def text_delta(tokenizer: object, request: Request) -> str:
         return ""
     request.prefix_offset, request.read_offset = request.read_offset, len(ids)
     return after[len(before) :]
+
+
+def wants_memory(question: str) -> bool:
+    """How a question is routed when it leaves it to the engine (`memory="auto"`): about the
+    present ("now", "currently", "still", ...) -> the window alone; anything else -> the
+    frames that left the window are searched too."""
+    return _NOW.search(question) is None
 
 
 def validate_question(question: str) -> str:

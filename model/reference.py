@@ -93,7 +93,11 @@ class OfflineReference:
         *,
         threshold: float = 0.1,
         min_tokens: int = 1,
+        mask: torch.Tensor | None = None,
     ) -> None:
+        """mask: (frames, merged tokens per frame) bool, the tokens each frame keeps, instead of
+        DiffFP over `frames` (a context whose frames were pruned against other neighbours: the
+        engine's recalled frames)."""
         from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import (
             VideoLlama3ImageProcessorPil,
         )
@@ -110,13 +114,19 @@ class OfflineReference:
         height, width = frames.shape[1:3]
         self.grid = torch.tensor([[len(frames), height // patch, width // patch]])
         self.merge = torch.tensor([2])
-        self.mask = compression_mask(
-            pixel_values_videos=self.pixel_values,
-            video_grid_thw=self.grid,
-            video_merge_sizes=self.merge,
-            threshold=threshold,
-            min_tokens=min_tokens,
-        )
+        if mask is None:
+            self.mask = compression_mask(
+                pixel_values_videos=self.pixel_values,
+                video_grid_thw=self.grid,
+                video_merge_sizes=self.merge,
+                threshold=threshold,
+                min_tokens=min_tokens,
+            )
+        else:
+            tokens = (height // patch // 2) * (width // patch // 2)
+            if tuple(mask.shape) != (len(frames), tokens) or mask.dtype != torch.bool:
+                raise ValueError(f"mask must be bool ({len(frames)}, {tokens}), got {mask.shape}")
+            self.mask = mask.reshape(-1)
         self.kept: list[int] = self.mask.view(len(frames), -1).sum(dim=1).tolist()
         self.stop_ids = stop_token_ids(loaded)
 

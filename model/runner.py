@@ -292,6 +292,7 @@ class ModelRunner:
             for prefill in plan.frames
             for frame in prefill.frames
             if not frame.rebuild
+            and frames[frame_key(prefill.session_id, frame)].features is None
             and (frame.tokens or frames[frame_key(prefill.session_id, frame)].anchor)
         ]
         encoded = self.encode([frames[key] for key in wanted])

@@ -1,0 +1,135 @@
+"""Answers about the past beyond the window (model/engine.py, "memory"): frames that leave the
+window stay in host memory; a question that recalls them is answered over the best-matching
+older frames + the window, as one context prefilled again from cached features.
+
+Exactness: that answer equals transformers' own forward over exactly those frames, each keeping
+the tokens it kept live (the window's first frame all of them), with their original time labels.
+"""
+
+from __future__ import annotations
+
+import torch
+from test_engine import GREEDY, NEW_TOKENS, Recorder, _clip, _engine, _run
+from test_exactness import HEIGHT, THRESHOLD, WIDTH
+
+from livelens.model.engine import Engine, FrameCallbacks, wants_memory
+from livelens.model.reference import OfflineReference
+from livelens.model.sampling import SamplingParams
+
+QUESTION = "When did the red square first appear?"
+
+
+def _windowed(tiny_model, *, recall_frames: int = 3) -> tuple[Engine, list]:
+    engine = _engine(tiny_model, recall_frames=recall_frames)
+    engine.open_session("a")
+    engine.configure(
+        "a",
+        height=HEIGHT,
+        width=WIDTH,
+        threshold=THRESHOLD,
+        min_tokens=1,
+        callbacks=FrameCallbacks(lambda _: None, lambda exc: None),
+        window_s=2.5,  # frames every 1.25 s: it slides every other frame
+        memory_s=100.0,
+    )
+    frames, times = _clip(7, 9)
+    for image, t in zip(frames, times, strict=True):
+        engine.submit_frame("a", image, t)
+        _run(engine, lambda: engine.pending("a") == 0 and engine.settled("a"))
+    return engine, [frames, times]
+
+
+def _live_mask(loaded, frames, times) -> torch.Tensor:
+    """The tokens DiffFP keeps live: each frame against the previous sampled one."""
+    whole = OfflineReference(loaded, frames, times, threshold=THRESHOLD)
+    return whole.mask.view(len(times), -1)
+
+
+def test_a_recalling_answer_is_one_forward_over_recalled_frames_and_the_window(tiny_model):
+    engine, (frames, times) = _windowed(tiny_model)
+    stats = engine.stats("a")
+    assert stats.slides >= 2 and stats.memory_frames >= 3
+    assert stats.memory_start == times[0]
+    window = list(engine.session_record("a").times)
+
+    recorder = Recorder(QUESTION)
+    recorder.job.memory = "recall"
+    engine.submit_question("a", recorder.job)
+    _run(engine, recorder.done.is_set)
+    answer = recorder.answer
+    assert recorder.error is None and answer is not None
+    recalled = list(answer.recalled)
+    assert len(recalled) == 3 and recalled == sorted(recalled)
+    assert all(t < window[0] for t in recalled)
+    assert answer.stream_position == times[-1]
+
+    # The reference: transformers' forward over recalled + window frames, each keeping what it
+    # kept live, the window's first frame everything (as the window holds it).
+    live = _live_mask(tiny_model, frames, times)
+    used = [times.index(t) for t in [*recalled, *window]]
+    mask = live[used].clone()
+    mask[len(recalled)] = True
+    for row, t in enumerate(recalled):  # a frame that was once the window's first kept all
+        if _was_first(engine, t):
+            mask[row] = True
+    reference = OfflineReference(
+        tiny_model, frames[used], [times[i] for i in used], threshold=THRESHOLD, mask=mask
+    )
+    torch.testing.assert_close(recorder.first_logits, reference.logits(QUESTION), atol=1e-4, rtol=0)
+    assert answer.token_ids == reference.generate(QUESTION, NEW_TOKENS)
+    # The recalling context is gone with its answer: only the window's blocks remain.
+    assert engine.pool_usage()[0] == engine.stats("a").kv_blocks
+
+
+def _was_first(engine: Engine, t: float) -> bool:
+    memory = engine.session_record("a").window.memory
+    recalled = next(r for r in memory.frames if r.time == t)
+    return int(recalled.features.shape[0]) == (HEIGHT // 28) * (WIDTH // 28)
+
+
+def test_routing_is_explicit(tiny_model) -> None:
+    assert wants_memory("When did the red ball first appear?")
+    assert wants_memory("What happened before the truck left?")
+    assert not wants_memory("Is a red ball visible now?")
+    assert not wants_memory("What is currently in the scene?")
+    engine, _ = _windowed(tiny_model)
+    answers = {}
+    for name, question, memory in (
+        ("now", "Is a red square visible now?", "auto"),
+        ("auto", QUESTION, "auto"),
+        ("window", QUESTION, "window"),
+    ):
+        recorder = Recorder(question, SamplingParams(max_new_tokens=2))
+        recorder.job.memory = memory
+        engine.submit_question("a", recorder.job)
+        _run(engine, recorder.done.is_set)
+        answers[name] = recorder.answer
+    assert answers["now"].recalled == () and answers["window"].recalled == ()
+    assert len(answers["auto"].recalled) == 3
+
+
+def test_memory_is_bounded_by_its_seconds(tiny_model) -> None:
+    engine = _engine(tiny_model)
+    engine.open_session("a")
+    engine.configure(
+        "a",
+        height=HEIGHT,
+        width=WIDTH,
+        threshold=THRESHOLD,
+        min_tokens=1,
+        callbacks=FrameCallbacks(lambda _: None, lambda exc: None),
+        window_s=2.5,
+        memory_s=3.0,
+    )
+    frames, times = _clip(8, 12)
+    for image, t in zip(frames, times, strict=True):
+        engine.submit_frame("a", image, t)
+        _run(engine, lambda: engine.pending("a") == 0 and engine.settled("a"))
+    memory = engine.session_record("a").window.memory
+    kept = [r.time for r in memory.frames]
+    assert kept and kept[-1] - kept[0] <= 3.0
+    assert engine.stats("a").memory_start == kept[0] > times[0]
+    recorder = Recorder(QUESTION, GREEDY)
+    engine.submit_question("a", recorder.job)
+    _run(engine, recorder.done.is_set)
+    assert set(recorder.answer.recalled) <= set(kept)
