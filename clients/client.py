@@ -189,11 +189,14 @@ class Answer:
     latency_ms: Latency
     asked_at: str
     answered_at: str
+    recalled: tuple[float, ...] = ()
+    """Media times (s) of the frames from before the window the answer also saw."""
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Answer:
         fields = _known(cls, data)
         fields["segments"] = tuple(Segment(**_known(Segment, s)) for s in data["segments"])
+        fields["recalled"] = tuple(data.get("recalled", ()))
         fields["latency_ms"] = Latency(**_known(Latency, data["latency_ms"]))
         return cls(**fields)
 
@@ -238,6 +241,8 @@ class Status:
     window_start: float | None
     """Media time of the oldest frame the model holds (the window slides on long streams)."""
     window_end: float | None
+    memory_start: float | None
+    """Media time of the oldest frame kept for questions about the past (None: no memory)."""
     questions_waiting: int
     time: str
 
@@ -266,6 +271,7 @@ class SessionStats:
     lag: float | None = None
     window_start: float | None = None
     window_end: float | None = None
+    memory_start: float | None = None
     gaps: tuple[tuple[float, float], ...] = ()
     """Media-time spans a pull source was down."""
 
@@ -618,6 +624,7 @@ class LiveLensClient:
         top_k: int | None = None,
         seed: int | None = None,
         repetition_penalty: float | None = None,
+        memory: str | None = None,
         question_id: str | None = None,
     ) -> AsyncIterator[str | Answer]:
         """Ask about the video so far: yields the answer's text pieces, then the `Answer`.
@@ -633,6 +640,7 @@ class LiveLensClient:
             "top_k": top_k,
             "seed": seed,
             "repetition_penalty": repetition_penalty,
+            "memory": memory,
         }
         message.update({k: v for k, v in sampling.items() if v is not None})
         async with self._socket(session_id) as (ws, _):

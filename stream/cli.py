@@ -288,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
         "fair share of the KV pool, e.g. ~4.8 min at 1 fps and 91 tokens per frame",
     )
     serve.add_argument(
+        "--memory",
+        default="600",
+        help="media seconds of stream before the window whose frames stay in host memory for "
+        "questions about the past (answered over the best-matching older frames + the window); "
+        "0 = none. Host memory per session ~ frames x kept tokens x hidden size x 2 bytes",
+    )
+    serve.add_argument(
         "--kv-budget",
         default=DEFAULT_KV_BUDGET,
         help="KV cache pool for all sessions: bytes ('8GiB', '512MB') or a fraction of the "

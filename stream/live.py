@@ -85,6 +85,8 @@ class SessionSettings:
     tokens_per_frame: int
     min_tokens: int = 1
     window_s: float | None = None
+    memory_s: float = 0.0
+    """Media seconds of stream before the window kept for questions about the past."""
     """Media seconds of video the model holds; None: derived from the context and the KV pool
     (`Engine.default_window`)."""
     thumbnails: int = DEFAULT_CAPACITY
@@ -245,6 +247,7 @@ class LiveSession:
                 min_tokens=self.settings.min_tokens,
                 callbacks=FrameCallbacks(self._appended, self._append_failed),
                 window_s=window,
+                memory_s=self.settings.memory_s,
             )
         except (ValueError, KeyError) as exc:
             self.loop.call_soon_threadsafe(
@@ -379,7 +382,9 @@ class LiveSession:
             seed=message.seed,
             repetition_penalty=message.repetition_penalty,
         )
-        job = QuestionJob(message.question, params, on_start, on_token, on_done, on_error)
+        job = QuestionJob(
+            message.question, params, on_start, on_token, on_done, on_error, memory=message.memory
+        )
         watcher.jobs[message.id] = job
         try:
             self.engine.submit_question(self.id, job)
@@ -497,6 +502,7 @@ class LiveSession:
                 for s in answer.segments
             ],
             stream_position=answer.stream_position,
+            recalled=list(answer.recalled),
             live_edge=live_edge,
             lag=None if live_edge is None else max(0.0, live_edge - answer.stream_position),
             latency_ms=LatencyOut(
@@ -547,6 +553,7 @@ class LiveSession:
                 lag=self._lag(edge, position),
                 window_start=stats.window_start if stats else None,
                 window_end=position,
+                memory_start=stats.memory_start if stats else None,
                 questions_waiting=self.engine.questions(self.id),
                 time=iso(time.time()),
             )

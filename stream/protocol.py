@@ -57,6 +57,11 @@ class AskMessage(_Strict):
         le=10.0,
         description="default: the checkpoint's generation_config.json value (1.0 = off)",
     )
+    memory: Literal["auto", "recall", "window"] = Field(
+        default="auto",
+        description="frames from before the window: auto (searched unless the question is "
+        "about now), recall (always), window (never)",
+    )
 
     @field_validator("temperature")
     @classmethod
@@ -227,6 +232,10 @@ class AnswerMessage(BaseModel):
     text: str
     segments: list[SegmentOut]
     stream_position: float = Field(description="media time (s) of the last frame the answer saw")
+    recalled: list[float] = Field(
+        default_factory=list,
+        description="media times (s) of the frames from before the window the answer also saw",
+    )
     live_edge: float | None = Field(description="media time (s) of the newest received frame")
     lag: float | None = Field(description="live_edge - stream_position when the answer started")
     latency_ms: LatencyOut
@@ -260,6 +269,10 @@ class StatusMessage(BaseModel):
     window_end: float | None = Field(
         default=None, description="media time of the newest frame the model holds"
     )
+    memory_start: float | None = Field(
+        default=None,
+        description="media time of the oldest frame kept for questions about the past",
+    )
     questions_waiting: int
     time: str
 
@@ -290,6 +303,13 @@ class PullRequest(_Strict):
         le=86400,
         description="media seconds of video the model holds (older frames slide out); "
         "default: the server's --window",
+    )
+    memory: float | None = Field(
+        default=None,
+        ge=0,
+        le=7 * 86400,
+        description="media seconds before the window kept for questions about the past; "
+        "default: the server's --memory (0: none)",
     )
     realtime: bool = Field(default=True, description="files only: play at the media rate")
     loop: bool = Field(default=False, description="files only: start over at the end")

@@ -112,6 +112,7 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
     window = None
     if args.window != "auto":
         window = number("--window", args.window, zero_ok=False)
+    memory = number("--memory", args.memory, zero_ok=True)
     try:
         KVBudget.parse(args.kv_budget)
     except ValueError as exc:
@@ -132,6 +133,7 @@ def serve(args: argparse.Namespace, *, number: Callable[..., float]) -> int:
         max_pending_frames=args.max_pending_frames,
         kv_budget=args.kv_budget,
         window_s=window,
+        memory_s=memory,
         max_sessions=args.max_sessions,
         thumbnails=args.thumbnails,
         status_interval_s=interval,

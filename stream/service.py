@@ -71,6 +71,9 @@ class ServiceConfig:
     window_s: float | None = None
     """Media seconds of video each session's model holds (older frames slide out); None: derived
     per session from the context and the KV pool (`Engine.default_window`)."""
+    memory_s: float = 600.0
+    """Media seconds of stream before the window kept in host memory for questions about the
+    past (0: none)."""
     kv_budget: str = DEFAULT_KV_BUDGET
     """KV cache pool: bytes (`8GiB`) or a fraction of the device memory free after loading the
     model (`0.8`). A session is admitted only if the pool can hold its minimum."""
@@ -265,6 +268,7 @@ class LiveService:
         fps: float | None = None,
         prune_threshold: float | None = None,
         window_s: float | None = None,
+        memory_s: float | None = None,
         session_id: str | None = None,
     ) -> LiveSession:
         """Create a live session (on the loop); its source then pushes frames into it.
@@ -297,6 +301,7 @@ class LiveService:
             ),
             tokens_per_frame=self.config.tokens_per_frame,
             window_s=window_s or self.config.window_s,
+            memory_s=self.config.memory_s if memory_s is None else memory_s,
             thumbnails=self.config.thumbnails,
             max_questions=limits.max_questions_per_session,
             max_questions_per_watcher=limits.max_questions_per_connection,
@@ -416,6 +421,7 @@ class LiveService:
                 fps=request.fps,
                 prune_threshold=request.prune_threshold,
                 window_s=request.window,
+                memory_s=request.memory,
                 session_id=session_id,
             )
         except BaseException:  # refused, or the request was cancelled: no session, no source
@@ -660,6 +666,7 @@ STATS_KEYS = (
     "lag",
     "window_start",
     "window_end",
+    "memory_start",
 )
 """The status fields a session's registry record keeps (plus its gaps)."""
 

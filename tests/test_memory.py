@@ -133,3 +133,37 @@ def test_memory_is_bounded_by_its_seconds(tiny_model) -> None:
     engine.submit_question("a", recorder.job)
     _run(engine, recorder.done.is_set)
     assert set(recorder.answer.recalled) <= set(kept)
+
+
+def test_the_service_answers_over_memory(tiny_model, tmp_path, redis_server) -> None:
+    """Through the service: a session with a 2 s window and memory; `memory: "recall"` brings
+    older frames into the answer (`recalled`), `"window"` does not; status shows memory_start."""
+    from service_harness import ask, fast_config, running_app, wait_for
+    from videos import make_video
+
+    from livelens.model.runner import ModelRunner
+
+    clip = make_video(tmp_path / "clip.mp4", frames=80, fps=10, width=320, height=240)
+    config = fast_config(redis_server.url, media_root=tmp_path, window_s=2.0, memory_s=60.0)
+    auth = {"Authorization": "Bearer m"}
+    with running_app(ModelRunner(tiny_model), config, token="m") as (client, service):
+        sid = client.post(
+            "/v1/sessions", json={"source": str(clip.path), "realtime": False}, headers=auth
+        ).json()["id"]
+        session = service.sessions[sid]
+        status = wait_for(
+            lambda: (
+                (s := session.status())["memory_start"] is not None
+                and s["state"] == "ended"
+                and service.engine.settled(sid)
+                and s
+            )
+        )
+        assert status["memory_start"] == 0.0 and status["window_start"] > 0.0
+        with client.websocket_connect(f"/v1/sessions/{sid}/ws", headers=auth) as ws:
+            recalled, _ = ask(ws, "r", QUESTION, memory="recall", max_new_tokens=2)
+            window, _ = ask(ws, "w", QUESTION, memory="window", max_new_tokens=2)
+        assert recalled["recalled"] and max(recalled["recalled"]) < status["window_start"]
+        assert window["recalled"] == []
+        history = client.get(f"/v1/sessions/{sid}/history", headers=auth).json()["entries"]
+        assert [h["recalled"] for h in history] == [recalled["recalled"], []]
