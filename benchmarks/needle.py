@@ -176,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(
-        "| stream | object | truth s | recall answer | IoU | recalled frames | recall TTFT ms "
-        "| window TTFT ms | memory frames | feed s |"
+        "| stream | object | truth s | recall answer | IoU | recalled frames (showing it) "
+        "| recall TTFT ms | window TTFT ms | memory frames | feed s |"
     )
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     rows = []

@@ -511,6 +511,7 @@ function renderStats() {
     "stat-window",
     s.window_start == null ? "–" : `${seconds(s.window_start)} – ${seconds(s.window_end)}`,
   );
+  set("stat-memory", s.memory_start == null ? "–" : seconds(s.memory_start));
   set("stat-lag", seconds(s.lag, 2));
   const stats = $("stats");
   stats.dataset.framesInModel = String(s.frames_in_model ?? 0);
