@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from latency import add_model_args, load_from_args
+from latency import add_model_args, load_from_args, open_stream
 
-from livelens.model.engine import Engine, EngineConfig, FrameCallbacks, Probe
+from livelens.model.engine import Engine, EngineConfig, Probe
 from livelens.model.kv import DEFAULT_KV_BUDGET
 from livelens.model.qa import standing_question
 from livelens.model.runner import ModelRunner
@@ -90,16 +90,7 @@ def run_stream(
         ModelRunner(loaded),
         EngineConfig(kv_budget=args.kv_budget, skip_unchanged=not args.no_skip),
     )
-    engine.open_session("s")
-    engine.configure(
-        "s",
-        height=grid.height,
-        width=grid.width,
-        threshold=args.prune_threshold,
-        min_tokens=1,
-        callbacks=FrameCallbacks(lambda _: None, lambda exc: print(exc, file=sys.stderr)),
-        window_s=args.window,
-    )
+    open_stream(engine, grid, args.prune_threshold, window_s=args.window)
     probes: list[Probe] = []
     errors: list[Exception] = []
     question = standing_question(args.condition.format(o=target))

@@ -21,9 +21,11 @@ from datetime import UTC, datetime
 import numpy as np
 import torch
 
+from livelens.model.engine import Engine, FrameCallbacks
 from livelens.model.loading import LoadedModel, default_cache_dir, load_model
 from livelens.model.runner import ModelRunner
 from livelens.model.session import VideoSession
+from livelens.stream.grid import Grid
 
 QUESTION = "When did the white van enter the car park? Answer with start and end seconds."
 
@@ -149,6 +151,31 @@ def time_offline(
         _sync(loaded.device)
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def open_stream(
+    engine: Engine,
+    grid: Grid,
+    threshold: float,
+    *,
+    key: str = "s",
+    window_s: float | None = None,
+    memory_s: float | None = None,
+) -> str:
+    """Open and configure one engine session the way the service does (min_tokens 1); a full
+    context or pool is printed, not raised. Returns its key."""
+    engine.open_session(key)
+    engine.configure(
+        key,
+        height=grid.height,
+        width=grid.width,
+        threshold=threshold,
+        min_tokens=1,
+        callbacks=FrameCallbacks(lambda _: None, lambda exc: print(exc, file=sys.stderr)),
+        window_s=window_s,
+        memory_s=memory_s,
+    )
+    return key
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

@@ -36,9 +36,9 @@ from datetime import UTC, datetime
 
 import av
 import numpy as np
-from latency import add_model_args, load_from_args
+from latency import add_model_args, load_from_args, open_stream
 
-from livelens.model.engine import Answer, Engine, EngineConfig, FrameCallbacks, QuestionJob
+from livelens.model.engine import Answer, Engine, EngineConfig, QuestionJob
 from livelens.model.grounding import Segment
 from livelens.model.runner import ModelRunner
 from livelens.model.sampling import SamplingParams
@@ -101,17 +101,7 @@ def run_stream(loaded, k: int, args: argparse.Namespace) -> dict:
     empty = next((t for t in needle.frame_times() if not needle.visible_at(t)), None)
     grid = choose_grid(args.height, args.width, tokens_per_frame=args.tokens_per_frame)
     engine = Engine(ModelRunner(loaded), EngineConfig(kv_budget=args.kv_budget))
-    engine.open_session("s")
-    engine.configure(
-        "s",
-        height=grid.height,
-        width=grid.width,
-        threshold=args.prune_threshold,
-        min_tokens=1,
-        callbacks=FrameCallbacks(lambda _: None, lambda exc: print(exc, file=sys.stderr)),
-        window_s=args.window,
-        memory_s=args.memory,
-    )
+    open_stream(engine, grid, args.prune_threshold, window_s=args.window, memory_s=args.memory)
     started = time.perf_counter()
     for i in range(int(args.minutes * 60)):
         t = float(i)

@@ -25,10 +25,10 @@ import time
 from datetime import UTC, datetime
 
 import torch
-from latency import add_model_args, load_from_args
+from latency import add_model_args, load_from_args, open_stream
 from scale import Stream
 
-from livelens.model.engine import Engine, EngineConfig, FrameCallbacks
+from livelens.model.engine import Engine, EngineConfig
 from livelens.model.runner import ModelRunner
 from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, choose_grid
 
@@ -55,16 +55,8 @@ def run(loaded, args: argparse.Namespace, fraction: float | None) -> dict[str, f
         return plan
 
     engine.scheduler.schedule = counting  # type: ignore[method-assign]
-    engine.open_session("s")
-    engine.configure(
-        "s",
-        height=grid.height,
-        width=grid.width,
-        threshold=args.prune_threshold,
-        min_tokens=1,
-        callbacks=FrameCallbacks(lambda _: None, lambda exc: print(exc, file=sys.stderr)),
-        window_s=None if fraction is None else args.window,
-    )
+    window = None if fraction is None else args.window
+    open_stream(engine, grid, args.prune_threshold, window_s=window)
     stream = Stream(0, grid.height, grid.width)
     started = time.perf_counter()
     for k in range(args.frames):

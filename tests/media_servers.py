@@ -230,8 +230,11 @@ def _handler(
     return Handler
 
 
-def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost and 127.0.0.1 and its key: (cert.pem, key.pem).
+def self_signed_certificate(
+    folder: Path, name: str = "localhost", address: str | None = "127.0.0.1"
+) -> tuple[Path, Path]:
+    """A self-signed certificate for the DNS name `name` (and `address`, unless None) and its
+    key: (cert.pem, key.pem).
 
     It is its own CA, so the cert file doubles as the CA file that makes a client trust it.
     """
@@ -241,23 +244,21 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
     from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    alternatives: list[x509.GeneralName] = [x509.DNSName(name)]
+    if address is not None:
+        alternatives.append(x509.IPAddress(ipaddress.ip_address(address)))
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
+        .subject_name(subject)
+        .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
+        .add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = folder / "cert.pem", folder / "key.pem"

@@ -19,8 +19,10 @@ from livelens.model.sampling import SamplingParams
 QUESTION = "When did the red square first appear?"
 
 
-def _windowed(tiny_model, *, recall_frames: int = 3) -> tuple[Engine, list]:
-    engine = _engine(tiny_model, recall_frames=recall_frames)
+def _feed(tiny_model, memory_s: float, n: int, seed: int, **config) -> tuple[Engine, list]:
+    """A session with a 2.5 s window (frames every 1.25 s: it slides every other frame) and
+    `memory_s` of memory, fed `n` frames one at a time."""
+    engine = _engine(tiny_model, **config)
     engine.open_session("a")
     engine.configure(
         "a",
@@ -29,14 +31,18 @@ def _windowed(tiny_model, *, recall_frames: int = 3) -> tuple[Engine, list]:
         threshold=THRESHOLD,
         min_tokens=1,
         callbacks=FrameCallbacks(lambda _: None, lambda exc: None),
-        window_s=2.5,  # frames every 1.25 s: it slides every other frame
-        memory_s=100.0,
+        window_s=2.5,
+        memory_s=memory_s,
     )
-    frames, times = _clip(7, 9)
+    frames, times = _clip(seed, n)
     for image, t in zip(frames, times, strict=True):
         engine.submit_frame("a", image, t)
         _run(engine, lambda: engine.pending("a") == 0 and engine.settled("a"))
     return engine, [frames, times]
+
+
+def _windowed(tiny_model) -> tuple[Engine, list]:
+    return _feed(tiny_model, 100.0, 9, 7, recall_frames=3)
 
 
 def _live_mask(loaded, frames, times) -> torch.Tensor:
@@ -109,22 +115,7 @@ def test_routing_is_explicit(tiny_model) -> None:
 
 
 def test_memory_is_bounded_by_its_seconds(tiny_model) -> None:
-    engine = _engine(tiny_model)
-    engine.open_session("a")
-    engine.configure(
-        "a",
-        height=HEIGHT,
-        width=WIDTH,
-        threshold=THRESHOLD,
-        min_tokens=1,
-        callbacks=FrameCallbacks(lambda _: None, lambda exc: None),
-        window_s=2.5,
-        memory_s=3.0,
-    )
-    frames, times = _clip(8, 12)
-    for image, t in zip(frames, times, strict=True):
-        engine.submit_frame("a", image, t)
-        _run(engine, lambda: engine.pending("a") == 0 and engine.settled("a"))
+    engine, (_, times) = _feed(tiny_model, 3.0, 12, 8)
     memory = engine.session_record("a").window.memory
     kept = [r.time for r in memory.frames]
     assert kept and kept[-1] - kept[0] <= 3.0

@@ -4,7 +4,6 @@ timeouts, the queue bound, and the destination policy (allow-list, ports, DNS, U
 from __future__ import annotations
 
 import asyncio
-import datetime
 import hashlib
 import hmac
 import http.server
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from media_servers import tls_context
+from media_servers import self_signed_certificate, tls_context
 
 from livelens.stream import webhooks
 from livelens.stream.sources.policy import Address, SourcePolicy
@@ -151,36 +150,7 @@ def fake_dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[list[str]]]:
 
 def certificate_for(name: str, folder: Path) -> tuple[Path, Path]:
     """A self-signed certificate valid for the DNS name `name` only (no IP address in it)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+    return self_signed_certificate(folder, name, address=None)
 
 
 def fast(policy: WebhookPolicy, **kwargs: Any) -> WebhookSender:
