@@ -88,10 +88,9 @@ def create_app(
     tickets = Tickets()
     ingest = WhipIngest(whip_settings)
 
-    async def end_publication(session_id: str, reason: str) -> None:
-        await ingest.end(session_id, reason)  # nothing to do if the publisher had gone
-
-    service.closers["whip"] = end_publication
+    def open_whip(source: str, **options: float) -> LiveSession:
+        """A new publication's session; the service closes the publisher when it ends."""
+        return service.open_whip(source, lambda sid: ingest.publication(sid, source), **options)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -117,7 +116,7 @@ def create_app(
     )
     app.state.service = service
     app.state.ingest = ingest
-    app.include_router(whip_router(ingest, service.open_whip, whip_settings))
+    app.include_router(whip_router(ingest, open_whip, whip_settings))
     whip_cors = {"Access-Control-Allow-Origin": whip_settings.cors_origin}
     app.add_middleware(
         AuthGuard,

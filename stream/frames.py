@@ -8,8 +8,24 @@ there (sampler -> resize + thumbnail -> engine; stream/stages.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import av
+
+
+class Source(Protocol):
+    """What feeds one live session, as the service owns it: a pull thread (RTSP, HLS, a file
+    played as live: stream/sources/pull.py) or a WHIP publication (stream/whip). Either pushes
+    its `DecodedFrame`s into the session (`LiveSession.push`) until it ends or is closed."""
+
+    name: str
+    """What the source reads, for logs and the session record (credentials masked)."""
+    is_network: bool
+    """A remote source: failures are reported to clients generically (they could probe)."""
+
+    async def close(self, reason: str) -> None:
+        """Stop it for good (idempotent): a pull thread is joined, a publisher disconnected."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +25,7 @@ from livelens.model.runner import ModelRunner
 from livelens.model.scheduler import Refusal, Refused
 from livelens.stream.alerts import DEFAULT_MAX_ALERTS, AlertManager
 from livelens.stream.errors import ServiceError, SourceError
-from livelens.stream.frames import DecodedFrame
+from livelens.stream.frames import DecodedFrame, Source
 from livelens.stream.grid import DEFAULT_TOKENS_PER_FRAME, MIN_TOKENS_PER_FRAME
 from livelens.stream.lifecycle import EndCode
 from livelens.stream.limits import LimitsConfig
@@ -137,14 +137,14 @@ class LiveService:
         """Made by start(): its KV pool is sized from the memory free once the model is loaded."""
         self.metrics = Metrics()
         self.sessions: dict[str, LiveSession] = {}
-        self.pulls: dict[str, PullSource] = {}
+        self.sources: dict[str, Source] = {}
+        """What feeds each session this node holds (a pull thread or a WHIP publication); closed
+        when the session reaches a final state, whoever ended it."""
         self.registry: Registry | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.started = time.time()
         self._status_task: asyncio.Task[None] | None = None
         self._stopping = False
-        self.closers: dict[str, Callable[[str, str], Awaitable[object]]] = {}
-        """By session kind: how to stop a push source, closer(session_id, reason)."""
         self.draining = False
         """Set by drain(): no new sessions or questions are admitted."""
         self._alerts: AlertManager | None = None
@@ -240,9 +240,9 @@ class LiveService:
             self._stopping = True
             self._status_task.cancel()
             await asyncio.wait({self._status_task}, timeout=self.config.status_interval_s + 5)
-        for session_id, source in list(self.pulls.items()):
-            await asyncio.to_thread(source.stop)
-            self.pulls.pop(session_id, None)
+        for session_id, source in list(self.sources.items()):
+            await source.close("server shutting down")
+            self.sources.pop(session_id, None)
         # Sessions that ended earlier had their final record written then (and the registry
         # may have forgotten them since): only the ones ending now are written here.
         ending = [s for s in self.sessions.values() if s.state < State.ENDED]
@@ -353,12 +353,21 @@ class LiveService:
                     ) from None
                 self._forget(ended.pop(0), "its KV blocks were needed by a new session")
 
-    def open_whip(self, source: str, window_s: float | None = None) -> LiveSession:
-        """The WHIP endpoint's session opener (`window_s` from the WHIP URL's `?window=`)."""
+    def open_whip(
+        self,
+        source: str,
+        publication: Callable[[str], Source],
+        window_s: float | None = None,
+    ) -> LiveSession:
+        """The WHIP endpoint's session opener (`window_s` from the WHIP URL's `?window=`);
+        `publication(session_id)` is the publisher as a `Source` the service closes when the
+        session ends."""
         try:
-            return self.open_session("whip", source, window_s=window_s)
+            session = self.open_session("whip", source, window_s=window_s)
         except ServiceError as exc:
             raise SessionRefused(exc.code, exc.message) from None
+        self.sources[session.id] = publication(session.id)
+        return session
 
     def _make_room(self) -> None:
         """Free the oldest ended sessions while the node holds max_held_sessions or more."""
@@ -428,7 +437,7 @@ class LiveService:
             handoff.detach()
             await asyncio.to_thread(source.stop)
             raise
-        self.pulls[session.id] = source
+        self.sources[session.id] = source
         handoff.attach(session)
         return session
 
@@ -458,7 +467,7 @@ class LiveService:
 
     def _pull_event(self, session: LiveSession, event: SourceEvent) -> None:
         if event.kind == "failed":
-            source = self.pulls.get(session.id)
+            source = self.sources.get(session.id)
             # Which way a network source failed (refused, timed out, not media) would tell a
             # client which ports are open: the record says only that it failed; the source
             # logged the details.
@@ -493,17 +502,14 @@ class LiveService:
         return True
 
     async def _stop_source(self, session: LiveSession, reason: str) -> None:
-        """Stop what feeds a session: its pull thread, or its push source (a WHIP peer).
+        """Close what feeds a session (`Source.close`: its pull thread, or its WHIP publisher).
 
         Called whenever a session reaches a final state, whoever ended it: a session that
         fails on the server's side must not leave its publisher's connection open.
         """
-        source = self.pulls.pop(session.id, None)
+        source = self.sources.pop(session.id, None)
         if source is not None:
-            await asyncio.to_thread(source.stop)
-        closer = self.closers.get(session.kind)
-        if closer is not None:
-            await closer(session.id, reason)
+            await source.close(reason)
 
     async def record(self, session_id: str) -> dict[str, Any] | None:
         session = self.sessions.get(session_id)

@@ -388,7 +388,7 @@ def test_delete_ends_session_and_keeps_history(runner, tmp_path, redis_server) -
         deleted = client.delete(f"/v1/sessions/{sid}")
         assert deleted.status_code == 200 and deleted.json()["state"] == "ended"
         assert "deleted" in deleted.json()["reason"]
-        assert sid not in service.pulls and sid not in service.sessions
+        assert sid not in service.sources and sid not in service.sessions
         record = client.get(f"/v1/sessions/{sid}").json()
         assert record["state"] == "ended"
         history = client.get(f"/v1/sessions/{sid}/history").json()["entries"]
@@ -487,7 +487,7 @@ def test_bad_sources_are_refused_alike_and_other_sessions_go_on(
             )
             assert "connection refused: rtsp://127.0.0.1" in caplog.text
             assert "not a media stream" in caplog.text
-            assert set(service.sessions) == set(service.pulls) == {good}
+            assert set(service.sessions) == set(service.sources) == {good}
 
             wait_for(lambda: service.sessions[good].status()["frames_in_model"] >= 2)
             with client.websocket_connect(f"/v1/sessions/{good}/ws") as ws:

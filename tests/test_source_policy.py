@@ -424,7 +424,7 @@ def test_a_source_that_does_not_open_is_refused_when_posted(runner, tmp_path) ->
                 422,
                 {"code": "source_unreadable", "message": SOURCE_UNREADABLE},
             )
-        assert service.sessions == {} and service.pulls == {}
+        assert service.sessions == {} and service.sources == {}
         assert http.hosts == [f"127.0.0.1:{http.port}"]
 
 

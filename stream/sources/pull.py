@@ -18,6 +18,7 @@ but has no video stream (or no decoder for it), and every failure of a local fil
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import threading
@@ -199,6 +200,10 @@ class PullSource:
             raise RuntimeError("PullSource.start() can be called only once")
         self._thread = threading.Thread(target=self._run, name=f"pull {self.name}", daemon=True)
         self._thread.start()
+
+    async def close(self, reason: str = "") -> None:
+        """`Source.close`: stop() in a worker thread (it joins the pull thread)."""
+        await asyncio.to_thread(self.stop)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the thread and wait up to `timeout` s for it; no callback runs after it returns.

@@ -86,6 +86,19 @@ class FrameSink(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Publication:
+    """A WHIP publisher as the service owns it (`Source`): closing it ends the publication."""
+
+    ingest: WhipIngest
+    session_id: str
+    name: str
+    is_network: bool = True
+
+    async def close(self, reason: str) -> None:
+        await self.ingest.end(self.session_id, reason)  # a no-op once the publisher has gone
+
+
 class SessionOpener(Protocol):
     """Creates a live session for a new publication; raises RuntimeError to refuse (-> 503).
 
@@ -387,6 +400,10 @@ class WhipIngest:
         await self._end(
             self._peer(session_id), REASON_DELETE, failed=False, code=EndCode.PUBLISHER_DELETED
         )
+
+    def publication(self, session_id: str, name: str) -> Publication:
+        """The publication of a session as a `Source` (stream/frames.py) its service closes."""
+        return Publication(self, session_id, name)
 
     async def end(self, session_id: str, reason: str) -> None:
         """The server ended the publication's session (it failed, or was deleted): close the
