@@ -205,18 +205,21 @@ _RAW_NUMBERS = ["NaN", "Infinity", "-Infinity", "1e400", "1" + "0" * 5000, "-0",
 
 
 def ws_message(rng: random.Random, index: int) -> str | bytes:
-    """One websocket message: a mutated ask or cancel, or a text-level attack."""
+    """One websocket message: a mutated ask, cancel, watch or unwatch, or a text-level attack."""
     base: dict[str, Any] = rng.choice(
         [
             {"type": "ask", "id": f"f{index}", "question": "what?", "max_new_tokens": 1},
             {"type": "cancel", "id": f"f{index}"},
+            {"type": "ask", "id": f"f{index}", "question": "what?", "max_new_tokens": 1},
+            {"type": "cancel", "id": f"f{index}"},
+            {"type": "watch", "id": f"f{index}", "condition": "a red ball", "every": 5},
+            {"type": "unwatch", "id": f"f{index}", "alert_id": "al_000000000000"},
         ]
     )
     op = rng.randrange(7)
     if op == 0:
-        base[rng.choice([*base, "top_p", "temperature", "seed", "top_k", "extra"])] = _junk_json(
-            rng
-        )
+        fields = [*base, "top_p", "temperature", "seed", "every", "threshold", "webhook", "extra"]
+        base[rng.choice(fields)] = _junk_json(rng)
         return json.dumps(base, ensure_ascii=rng.random() < 0.5)
     if op == 1:
         del base[rng.choice(list(base))]
@@ -256,6 +259,27 @@ def pull_body(rng: random.Random, source: str) -> bytes:
     elif op == 3:
         depth = rng.choice([10, 100, 3000])
         return encode("[" * depth + "]" * depth)
+    else:
+        text = json.dumps(body)
+        cut = rng.randrange(len(text) + 1)
+        return encode(text[:cut] + _junk(rng) + text[cut:])
+    return encode(json.dumps(body))
+
+
+def alert_body(rng: random.Random) -> bytes:
+    """A mutated POST /v1/sessions/{id}/alerts body."""
+    body: dict[str, Any] = {"condition": "a red ball is visible", "every": 5, "cooldown": 10}
+    op = rng.randrange(4)
+    if op == 0:
+        keys = ["condition", "every", "cooldown", "threshold", "hysteresis", "webhook", "x"]
+        body[rng.choice(keys)] = _junk_json(rng)
+    elif op == 1:
+        body["webhook"] = rng.choice(
+            [*JUNK_TEXT[:20], "http://127.0.0.1:1/x", "https://user:pw@host/x", "ftp://h/x"]
+        )
+    elif op == 2:
+        key = rng.choice(["every", "cooldown", "threshold", "hysteresis"])
+        return encode(json.dumps(body)[:-1] + f', "{key}": {rng.choice(_RAW_NUMBERS)}}}')
     else:
         text = json.dumps(body)
         cut = rng.randrange(len(text) + 1)

@@ -2,8 +2,9 @@
 
 One real app for the module (in-process through Starlette's TestClient, around the tiny model,
 a real redis-server and a live pull session of a real encoded clip) takes 3,400 hostile cases: WHIP
-offers mutated from a real aiortc offer, trickle-ICE PATCH fragments, websocket messages, REST
-bodies and query strings, and pull-source URLs. For every case: no 5xx, a 4xx carries the JSON
+offers mutated from a real aiortc offer, trickle-ICE PATCH fragments, websocket messages (asks,
+cancels, alert watches), REST bodies and query strings (sessions, history, thumbnails, alerts),
+and pull-source URLs. For every case: no 5xx, a 4xx carries the JSON
 error shape, every websocket reply is valid UTF-8 (what uvicorn's encoder would need; the
 TestClient does not encode), and no traceback reaches the log; after each group the app still
 answers a question on the good session.
@@ -197,7 +198,7 @@ def test_fuzz_trickle_patch(target: Target) -> None:
 
 def test_fuzz_websocket_messages(target: Target) -> None:
     rng = random.Random(f"{SEED}-ws")
-    refused = 0
+    refused = watched = 0
     with target.http.websocket_connect(f"/v1/sessions/{target.good}/ws") as ws:
         for index in range(CASES["ws"]):
             raw = fuzz_cases.ws_message(rng, index)
@@ -227,9 +228,13 @@ def test_fuzz_websocket_messages(target: Target) -> None:
                 if message["type"] == "error":
                     assert message["code"] and message["message"], where("ws", index, raw)
                     codes.append(message["code"])
+                watched += message["type"] == "watching"
             if expected is not None:
                 assert expected in codes, where("ws", index, raw)
     assert refused > CASES["ws"] // 2
+    assert watched > 0  # some watches were valid: alerts were made (and their limit met)
+    for alert in target.http.get(f"/v1/sessions/{target.good}/alerts").json()["alerts"]:
+        target.http.delete(f"/v1/sessions/{target.good}/alerts/{alert['id']}")
     finish_group(target)
 
 
@@ -237,8 +242,25 @@ def test_fuzz_rest_bodies_and_queries(target: Target) -> None:
     rng = random.Random(f"{SEED}-rest")
     good = target.good
     for index in range(CASES["rest"]):
-        kind = rng.randrange(4)
-        if kind < 2:
+        kind = rng.randrange(5)
+        if kind == 4:  # alerts: definitions, removal, events
+            choice = rng.randrange(3)
+            if choice == 0:
+                case = body = fuzz_cases.alert_body(rng)
+                response = target.http.post(
+                    f"/v1/sessions/{good}/alerts",
+                    content=body,
+                    headers={"Content-Type": "application/json"},
+                )
+            elif choice == 1:
+                case = alert_id = fuzz_cases.query_value(rng) or "x"
+                response = target.http.delete(f"/v1/sessions/{good}/alerts/{url_quote(alert_id)}")
+            else:
+                case = value = fuzz_cases.query_value(rng)
+                response = target.http.get(
+                    f"/v1/sessions/{good}/alert-events?count={url_quote(value)}"
+                )
+        elif kind < 2:
             body = fuzz_cases.pull_body(rng, "/nonexistent/fuzz.mp4")
             content_type = rng.choice(["application/json"] * 6 + ["text/plain", ""])
             response = target.http.post(
@@ -263,6 +285,9 @@ def test_fuzz_rest_bodies_and_queries(target: Target) -> None:
         if response.status_code == 201:
             target.http.delete(response.headers["location"])
     assert target.good in target.service.sessions
+    # Alerts the cases made go; what they sent was checked like everything else.
+    for alert in target.http.get(f"/v1/sessions/{good}/alerts").json()["alerts"]:
+        check(target.http.delete(f"/v1/sessions/{good}/alerts/{alert['id']}"), "cleanup")
     finish_group(target)
 
 
