@@ -267,8 +267,13 @@ class AlertManager:
             except (KeyError, TypeError, ValueError):
                 logger.warning("session %s: skipped a malformed stored alert", session.id)
                 continue
-            if len(held.alerts) < self.max_alerts and alert.id not in held.alerts:
-                self._start(held, alert)
+            if len(held.alerts) >= self.max_alerts:
+                logger.warning("session %s: stored alert %s over the limit", session.id, alert.id)
+            elif alert.id not in held.alerts:
+                try:
+                    self._start(held, alert)
+                except ServiceError as exc:  # the session ended meanwhile
+                    logger.info("session %s: alert %s not restored: %s", session.id, alert.id, exc)
         return len(held.alerts)
 
     def forget(self, session_id: str) -> None:
@@ -295,21 +300,15 @@ class AlertManager:
         """Add an alert; ServiceError when refused. The secret is on the returned state."""
         condition = check_condition(request.condition)
         held = self._held(session)
-        if len(held.alerts) >= self.max_alerts:
-            raise ServiceError(
-                409,
-                "too_many_alerts",
-                f"the session has {len(held.alerts)} alerts, its limit; remove one first",
-            )
+        self._check_room(held)
         webhook = None
         if request.webhook is not None:
             try:
                 target = await self.policy.acheck(request.webhook)
             except WebhookRefused as exc:
-                raise ServiceError(
-                    403 if exc.code == "webhook_not_allowed" else 422, exc.code, exc.message
-                ) from None
+                raise ServiceError(exc.status, exc.code, exc.message) from None
             webhook = target.url
+            self._check_room(held)  # others may have been added while the name resolved
         alert = AlertState(
             id=new_id("al"),
             session_id=session.id,
@@ -365,6 +364,14 @@ class AlertManager:
         return found
 
     # --------------------------------------------------------------------------- internals
+    def _check_room(self, held: SessionAlerts) -> None:
+        if len(held.alerts) >= self.max_alerts:
+            raise ServiceError(
+                409,
+                "too_many_alerts",
+                f"the session has {len(held.alerts)} alerts, its limit; remove one first",
+            )
+
     def _held(self, session: LiveSession) -> SessionAlerts:
         held = self._sessions.get(session.id)
         if held is None:
