@@ -186,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="length of each stream")
     parser.add_argument("--fps", type=float, default=1.0, help="sampling rate = evaluation rate")
     parser.add_argument("--size", default="320x240", help="scene size WxH")
-    parser.add_argument("--tokens-per-frame", type=int, default=64)
+    parser.add_argument(
+        "--tokens-per-frame",
+        type=int,
+        help="default: what the checkpoint was trained at (livelens.json), else 64",
+    )
     parser.add_argument("--prune-threshold", type=float, default=0.1)
     parser.add_argument("--threshold", type=float, default=0.5, help="alert threshold")
     parser.add_argument("--hysteresis", type=float, default=0.1)
@@ -201,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     width, height = (int(x) for x in args.size.split("x"))
     loaded = load_from_args(args)
+    args.tokens_per_frame = args.tokens_per_frame or loaded.tokens_per_frame or 64
     period = 1.0 / args.fps
 
     print(f"# alerts: {args.streams} streams x {args.seconds:g} s at {args.fps:g} fps")

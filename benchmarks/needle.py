@@ -147,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", type=float, default=3600.0, help="media seconds remembered")
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--height", type=int, default=240)
-    parser.add_argument("--tokens-per-frame", type=int, default=64)
+    parser.add_argument(
+        "--tokens-per-frame",
+        type=int,
+        help="default: what the checkpoint was trained at (livelens.json), else 64",
+    )
     parser.add_argument("--prune-threshold", type=float, default=4.0)
     parser.add_argument("--answer-tokens", type=int, default=24)
     parser.add_argument("--kv-budget", default="2GiB")
@@ -155,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.minutes * 60 < NEEDLE_AT + 60 + args.window:
         parser.error("--minutes must leave the needle out of the window by the end")
     loaded = load_from_args(args)
+    args.tokens_per_frame = args.tokens_per_frame or loaded.tokens_per_frame or 64
 
     print(
         f"# needle: {args.streams} streams x {args.minutes:g} min at 1 fps, window "
