@@ -39,7 +39,7 @@ class DecodedFrame:
 
 @dataclass
 class SourceStats:
-    """Counters of what decoding a file met, for logs and the CLI summary."""
+    """Counters of what decoding a source met, for logs and the CLI summary."""
 
     packets: int = 0
     """Video packets read (end-of-stream flush packets excluded)."""
@@ -53,3 +53,10 @@ class SourceStats:
     """Read errors the demuxer was restarted after."""
     dropped_frames: int = 0
     """Frames dropped because their time was not after the previous frame's."""
+
+    def problems(self) -> str:
+        """The damage counters in one line, for an error that says why nothing decoded."""
+        return (
+            f"{self.packets} packets, {self.corrupt_packets} corrupt, "
+            f"{self.decode_errors} decode errors, {self.demux_errors} read errors"
+        )

@@ -7,7 +7,8 @@ Every video frame is decoded and handed to `on_frame` with a media time that sta
 only increases, across reconnects too: the first frame after an outage is placed at the last
 frame's time plus the wall-clock time the outage took, so the timeline keeps wall-clock meaning
 and the outage is reported as a gap. What happens to the source (connected, gap, reconnecting,
-ended, failed) arrives as SourceEvents on `on_event`, from the same thread.
+ended, failed) arrives as SourceEvents on `on_event`, from the same thread. Each connection is
+demuxed, decoded and timed by sources/decode.py's Decoder, the one an offline file uses too.
 
 Failure policy: every failure of a network source (refused, timed out, dropped, HTTP error,
 garbage that is not a media stream) is retried with exponential backoff until it has lasted
@@ -23,15 +24,23 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 import av
-import av.stream
 from av.container import InputContainer
 
+from livelens.stream.errors import SourceError
 from livelens.stream.frames import DecodedFrame, SourceStats
+from livelens.stream.sources.decode import (
+    Decoder,
+    StreamLost,
+    Warnings,
+    ffmpeg_reason,
+    video_stream,
+)
 from livelens.stream.sources.policy import PullTarget, operator_target
 
 logger = logging.getLogger(__name__)
@@ -42,17 +51,6 @@ EVENT_KINDS = frozenset({"connected", "gap", "reconnecting", "ended", "failed"})
 # open at the live edge wait for segments that do not exist yet; codec and size come from the
 # first keyframe's parameter sets anyway.
 _LIVE_ANALYZE_US = 500_000
-# A local file that fails this many reads in a row without producing a packet is stuck.
-_MAX_CONSECUTIVE_DEMUX_ERRORS = 32
-# Each kind of problem is logged at warning this many times per source, then only counted.
-_MAX_WARNINGS_PER_KIND = 5
-# Frame spacing assumed when a stream carries no timestamps and no frame rate (FFmpeg's default).
-_FALLBACK_FRAME_DURATION = Fraction(1, 25)
-# A live stream whose timestamps jump back this far restarted its clock (encoder restart, MPEG-TS
-# wrap): the timeline is re-anchored instead of dropping every frame until it catches up.
-_DISCONTINUITY = Fraction(1)
-# A read that took this long waited for data (a buffered packet comes back in microseconds).
-_WAITED_S = 0.005
 # PyAV's HTTP error classes share no base class below FFmpegError.
 _HTTP_ERRORS = (av.error.HTTPError, av.error.HTTPClientError, av.error.HTTPServerError)
 # Backoff jitter, as a fraction of the delay, so sources that dropped together do not retry
@@ -134,26 +132,14 @@ class _Failure(Exception):
 
 @dataclass
 class _Connection:
-    """One open container and where its timestamps sit on the media timeline."""
+    """One open container and its decoder, which places its frames on the media timeline."""
 
     container: InputContainer
     stream: av.VideoStream
-    after_drop: bool
-    """The first frame follows an outage: it opens a gap."""
+    decoder: Decoder
     duration: float | None
     """Seconds, when the source says (a file, a VOD playlist, an RTSP clip); None when live."""
-    start: tuple[Fraction, Fraction] | None = None
-    """(stream time, media time) of the anchor frame; media = anchor media + stream - anchor."""
-    previous: Fraction | None = None
-    """Stream time of the previous frame (to extrapolate frames that carry no timestamp)."""
     frames: int = 0
-    quiet_since: float = field(default_factory=time.monotonic)
-    """Monotonic time the last read that had to wait for data began: the source ran dry then."""
-
-    def step(self) -> Fraction:
-        """Nominal frame spacing of the stream."""
-        rate = self.stream.average_rate or self.stream.guessed_rate
-        return 1 / Fraction(rate) if rate else _FALLBACK_FRAME_DURATION
 
 
 class PullSource:
@@ -178,8 +164,8 @@ class PullSource:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._stats = PullStats()
-        self._warned: dict[str, int] = {}
-        # Timeline, touched only by the source thread: exact rationals, as in FileSource.
+        self._warn = Warnings(logger, f"pull {self.name}")
+        # Timeline, touched only by the source thread: the media time of the latest frame.
         self._last: Fraction | None = None
         self._quiet_since = 0.0
         self._pace_origin: float | None = None
@@ -303,14 +289,15 @@ class PullSource:
             self._read(conn)
         finally:
             conn.container.close()
+            self._last = conn.decoder.last
             if conn.frames:
-                self._quiet_since = conn.quiet_since
+                self._quiet_since = conn.decoder.quiet_since
         if self._stop.is_set():
             return None
         if conn.frames == 0:
             if not self.is_network:
                 raise _Failure(
-                    f"no video frame could be decoded from {self.name} ({self._problems()})",
+                    f"no video frame could be decoded from {self.name} ({self._stats.problems()})",
                     permanent=True,
                 )
             raise _Failure(f"stream ended before any frame: {self.name}")
@@ -338,18 +325,25 @@ class PullSource:
         except (av.FFmpegError, OSError) as exc:
             raise _Failure(self._describe(exc), permanent=not self.is_network) from None
         try:
-            stream = self._pick_video_stream(container)
-        except _Failure:
+            stream = video_stream(container, self.name)
+        except SourceError as exc:
             container.close()
-            raise
-        ctx = stream.codec_context
-        # Files decode ahead with frame threads; live sources use slice threads only, since
-        # frame threading holds back one frame per thread and adds that much latency.
-        ctx.thread_type = "SLICE" if self.is_network else "AUTO"
+            raise _Failure(str(exc), permanent=True) from None
         duration = container.duration / av.time_base if container.duration is not None else None
         # Every network connection but the first follows a failure: its first frame opens a gap.
+        # A looping file's next pass starts one frame after the last (the Decoder's default).
         after_drop = self.is_network and self._last is not None
-        return _Connection(container, stream, after_drop, duration)
+        decoder = Decoder(
+            container,
+            stream,
+            self._stats,
+            self._warn,
+            live=self.is_network,
+            after=self._last,
+            first_time=self._after_outage if after_drop else None,
+            stopped=self._stop.is_set,
+        )
+        return _Connection(container, stream, decoder, duration)
 
     def _options(self) -> dict[str, str]:
         if not self.is_network:
@@ -364,183 +358,46 @@ class PullSource:
             options |= {"rw_timeout": timeout_us, "live_start_index": "-1"}
         return options
 
-    def _pick_video_stream(self, container: InputContainer) -> av.VideoStream:
-        # Cover art in audio files is a one-picture "video" stream; it is not video.
-        videos = [
-            s
-            for s in container.streams.video
-            if not s.disposition & av.stream.Disposition.attached_pic
-        ]
-        if not videos:
-            kinds = sorted({s.type for s in container.streams}) or ["none"]
-            raise _Failure(
-                f"no video stream in {self.name} (streams found: {', '.join(kinds)})",
-                permanent=True,
-            )
-        stream = videos[0]
-        if stream.codec_context is None:
-            raise _Failure(f"no decoder for the video codec of {self.name}", permanent=True)
-        return stream
-
     def _read(self, conn: _Connection) -> None:
-        """Decode the connection to its end; raise _Failure when a live connection breaks."""
-        lost: _Failure | None = None
-        packets = self._packets(conn)
+        """Deliver the connection's frames to its end; raise _Failure when a live one breaks."""
         try:
-            for packet in packets:
-                if self._stop.is_set():
-                    return
-                # Empty packets (PyAV's end-of-stream ones) would flush the decoder; see below.
-                if packet.size == 0:
-                    continue
-                self._stats.packets += 1
-                if packet.is_corrupt:
-                    self._stats.corrupt_packets += 1
-                    self._warn("corrupt", "pull %s: corrupt packet at dts %s", packet.dts)
-                for frame in self._decode(conn, packet):
-                    self._deliver(conn, frame, packet)
+            with closing(conn.decoder.frames()) as frames:
+                for decoded in frames:
+                    self._deliver(conn, decoded)
                     if self._stop.is_set():
                         return
-        except _Failure as failure:
-            lost = failure
-        finally:
-            packets.close()
-        # Frames still inside the decoder (B-frame reordering) belong to the stream, also when
-        # the connection broke.
-        for frame in self._decode(conn, None):
-            if self._stop.is_set():
-                return
-            self._deliver(conn, frame, None)
-        if lost is not None:
-            raise lost
+        except StreamLost as lost:
+            raise _Failure(f"lost the stream ({self._describe(lost.cause)})") from None
 
-    def _packets(self, conn: _Connection) -> Iterator[av.Packet]:
-        """Demux the video stream: a network read error loses the connection; a file resyncs."""
-        failures = 0
-        while True:
-            demux = conn.container.demux(conn.stream)
-            try:
-                while True:
-                    started = time.monotonic()
-                    try:
-                        packet = next(demux, None)
-                    finally:
-                        if time.monotonic() - started >= _WAITED_S:
-                            conn.quiet_since = started
-                    if packet is None:
-                        return
-                    failures = 0
-                    yield packet
-            except (av.FFmpegError, OSError) as exc:
-                if self._stop.is_set():
-                    return
-                self._stats.demux_errors += 1
-                reason = self._describe(exc)
-                if self.is_network:
-                    raise _Failure(f"lost the stream ({reason})") from None
-                failures += 1
-                self._warn("demux", "pull %s: read error: %s", reason)
-                if failures >= _MAX_CONSECUTIVE_DEMUX_ERRORS:
-                    logger.warning(
-                        "pull %s: giving up reading after %d read errors in a row",
-                        self.name,
-                        failures,
-                    )
-                    return
-            finally:
-                demux.close()
-
-    def _decode(self, conn: _Connection, packet: av.Packet | None) -> list[av.VideoFrame]:
-        try:
-            return conn.stream.codec_context.decode(packet)
-        except av.FFmpegError as exc:
-            self._stats.decode_errors += 1
-            where = "at end of stream" if packet is None else f"at dts {packet.dts}"
-            self._warn("decode", "pull %s: decode error %s: %s", where, _reason(exc))
-            return []
-
-    def _deliver(self, conn: _Connection, frame: av.VideoFrame, packet: av.Packet | None) -> None:
-        """Place the frame on the media timeline, pace it (files), and hand it to on_frame."""
-        t = self._timed(conn, frame, packet)
-        if t is None:
-            return
+    def _deliver(self, conn: _Connection, decoded: DecodedFrame) -> None:
+        """Pace the frame (a realtime file) and hand it to on_frame."""
         if not self.is_network and self.config.realtime:
             now = time.monotonic()
             if self._pace_origin is None:
-                self._pace_origin = now - float(t)
-            delay = self._pace_origin + float(t) - now
+                self._pace_origin = now - decoded.time
+            delay = self._pace_origin + decoded.time - now
             if delay > 0 and self._stop.wait(delay):
                 return
         if self._stop.is_set():
             return
-        self._last = t
         conn.frames += 1
         self._stats.frames += 1
-        self._on_frame(DecodedFrame(float(t), frame))
+        self._on_frame(decoded)
 
-    def _timed(
-        self, conn: _Connection, frame: av.VideoFrame, packet: av.Packet | None
-    ) -> Fraction | None:
-        """Media time of a frame; None (dropped) when it is not after the previous frame."""
-        stamp = self._stream_time(conn, frame, packet)
-        conn.previous = stamp
-        if conn.start is None:
-            conn.start = (stamp, self._first_time(conn))
-            return conn.start[1]
+    def _after_outage(self) -> Fraction:
+        """Media time of the first frame after an outage, which is reported as a gap."""
         assert self._last is not None
-        t = conn.start[1] + stamp - conn.start[0]
-        if t > self._last:
-            return t
-        if self.is_network and self._last - t > _DISCONTINUITY:
-            self._warn(
-                "clock",
-                "pull %s: timestamps jumped back %.3f s; timeline re-anchored",
-                float(self._last - t),
-            )
-            conn.start = (stamp, self._last + conn.step())
-            return conn.start[1]
-        self._stats.dropped_frames += 1
-        self._warn(
-            "time",
-            "pull %s: dropped a frame: time %.3f s is not after %.3f s",
-            float(t),
-            float(self._last),
-        )
-        return None
-
-    def _first_time(self, conn: _Connection) -> Fraction:
-        """Media time of a connection's first frame: 0, after an outage, or after a loop."""
-        if self._last is None:
-            return Fraction(0)
-        if conn.after_drop:
-            # The outage in wall-clock time, so the timeline keeps its wall-clock meaning. It is
-            # counted from when the source ran dry, not from the last frame: the demuxer (an
-            # MPEG-TS packet ends when the next begins) and the decoder (reordering) hold the
-            # last frames back until the drop is detected, a whole HLS reload interval later.
-            # For a steady stream the two are the same.
-            elapsed = Fraction(round((time.monotonic() - self._quiet_since) * 1e6), 10**6)
-            start = self._last + max(elapsed, Fraction(1, 1000))
-            gap = (float(self._last), float(start))
-            self._stats.gaps.append(gap)
-            self._emit("gap", f"{self.name}: outage of {gap[1] - gap[0]:.2f} s", gap=gap)
-            return start
-        return self._last + conn.step()
-
-    def _stream_time(
-        self, conn: _Connection, frame: av.VideoFrame, packet: av.Packet | None
-    ) -> Fraction:
-        """Stream time of a frame: pts, else dts, else the previous frame's plus one frame."""
-        time_base = frame.time_base or conn.stream.time_base
-        stamp = frame.pts if frame.pts is not None else frame.dts
-        if stamp is None and packet is not None and packet.dts is not None:
-            stamp, time_base = packet.dts, packet.time_base
-        if stamp is not None and time_base is not None:
-            return stamp * time_base
-        if conn.previous is None:
-            return Fraction(0)
-        if frame.duration and time_base is not None:
-            return conn.previous + frame.duration * time_base
-        return conn.previous + conn.step()
+        # The outage in wall-clock time, so the timeline keeps its wall-clock meaning. It is
+        # counted from when the source ran dry, not from the last frame: the demuxer (an
+        # MPEG-TS packet ends when the next begins) and the decoder (reordering) hold the
+        # last frames back until the drop is detected, a whole HLS reload interval later.
+        # For a steady stream the two are the same.
+        elapsed = Fraction(round((time.monotonic() - self._quiet_since) * 1e6), 10**6)
+        start = self._last + max(elapsed, Fraction(1, 1000))
+        gap = (float(self._last), float(start))
+        self._stats.gaps.append(gap)
+        self._emit("gap", f"{self.name}: outage of {gap[1] - gap[0]:.2f} s", gap=gap)
+        return start
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -565,7 +422,7 @@ class PullSource:
         if isinstance(exc, av.error.InvalidDataError):
             return f"not a media stream FFmpeg can read: {url}"
         if isinstance(exc, _HTTP_ERRORS):
-            reason = _reason(exc)  # "Server returned 404 Not Found"
+            reason = ffmpeg_reason(exc)  # "Server returned 404 Not Found"
             return f"{reason[:1].lower()}{reason[1:]}: {url}"
         if isinstance(exc, av.error.EOFError):
             return f"stream ended before its header: {url}"
@@ -573,28 +430,4 @@ class PullSource:
             return f"not found: {url}"
         if isinstance(exc, PermissionError):
             return f"permission denied: {url}"
-        return f"cannot read {url}: {_reason(exc)}"
-
-    def _problems(self) -> str:
-        s = self._stats
-        return (
-            f"{s.packets} packets, {s.corrupt_packets} corrupt, {s.decode_errors} decode errors, "
-            f"{s.demux_errors} read errors"
-        )
-
-    def _warn(self, kind: str, msg: str, *args: object) -> None:
-        count = self._warned.get(kind, 0) + 1
-        self._warned[kind] = count
-        if count <= _MAX_WARNINGS_PER_KIND:
-            logger.warning(msg, self.name, *args)
-            if count == _MAX_WARNINGS_PER_KIND:
-                logger.warning(
-                    "pull %s: further %s problems are counted, not logged", self.name, kind
-                )
-        else:
-            logger.debug(msg, self.name, *args)
-
-
-def _reason(exc: BaseException) -> str:
-    """FFmpeg's short error text without the errno and file name PyAV adds."""
-    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        return f"cannot read {url}: {ffmpeg_reason(exc)}"
