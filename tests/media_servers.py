@@ -376,7 +376,9 @@ def closed_port() -> int:
 
 
 # The RTSP server script, run by the system python3. It serves one MP4's H.264 track at its
-# media rate to every client, on the port it prints (the OS picks it), until stdin closes.
+# media rate to every client (or, given a frame count, a live camera: a test pattern encoded to
+# VP8 as it is made, with no duration, that ends after that many frames), on the port it prints (the OS
+# picks it), until stdin closes. Every client gets its own pipeline.
 _RTSP_SERVER = r"""
 import sys, threading
 import gi
@@ -390,10 +392,18 @@ server = GstRtspServer.RTSPServer()
 server.set_address("127.0.0.1")
 server.set_service("0")
 factory = GstRtspServer.RTSPMediaFactory()
-factory.set_launch(
-    f'( filesrc location="{path}" ! qtdemux ! h264parse config-interval=-1 '
-    '! rtph264pay name=pay0 pt=96 )'
-)
+if path.startswith("live:"):
+    frames = int(path[5:])
+    factory.set_launch(
+        f'( videotestsrc is-live=true num-buffers={frames} pattern=ball '
+        '! video/x-raw,width=160,height=120,framerate=10/1 ! vp8enc deadline=1 '
+        '! rtpvp8pay name=pay0 pt=96 )'
+    )
+else:
+    factory.set_launch(
+        f'( filesrc location="{path}" ! qtdemux ! h264parse config-interval=-1 '
+        '! rtph264pay name=pay0 pt=96 )'
+    )
 factory.set_shared(False)
 server.get_mount_points().add_factory("/clip", factory)
 if server.attach(None) == 0:
@@ -410,7 +420,8 @@ gi.require_version("Gst", "1.0")
 gi.require_version("GstRtspServer", "1.0")
 from gi.repository import Gst, GstRtspServer
 Gst.init(None)
-missing = [e for e in ("filesrc", "qtdemux", "h264parse", "rtph264pay")
+missing = [e for e in ("filesrc", "qtdemux", "h264parse", "rtph264pay", "videotestsrc",
+                       "vp8enc", "rtpvp8pay")
            if Gst.ElementFactory.find(e) is None]
 print(" ".join(missing))
 """
@@ -436,13 +447,17 @@ def rtsp_unavailable() -> str | None:
 
 
 class RtspServer:
-    """gst-rtsp-server in a subprocess serving an MP4 (H.264) at rtsp://127.0.0.1:<port>/clip."""
+    """gst-rtsp-server in a subprocess serving an MP4 (H.264) at rtsp://127.0.0.1:<port>/clip,
+    or with `live_frames`, a live camera that sends that many frames, then end-of-stream."""
 
-    def __init__(self, mp4: Path) -> None:
+    def __init__(self, mp4: Path | None = None, *, live_frames: int | None = None) -> None:
+        if (mp4 is None) == (live_frames is None):
+            raise ValueError("give an MP4 or live_frames")
+        what = f"live:{live_frames}" if live_frames is not None else str(mp4)
         # stderr goes to a file: a pipe nobody reads could fill up and stall the server.
         self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by stop())
         self._proc = subprocess.Popen(
-            [SYSTEM_PYTHON, "-c", _RTSP_SERVER, str(mp4)],
+            [SYSTEM_PYTHON, "-c", _RTSP_SERVER, what],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,

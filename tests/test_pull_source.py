@@ -516,3 +516,18 @@ def test_rtsp_pulls_every_frame_of_a_served_clip(clip: Video, pull: Pull) -> Non
     # Served at the media rate: the clip spans about 2 s of wall-clock time.
     assert got.frames[-1].wall - got.frames[0].wall >= 1.2
     assert source.stats.decode_errors == 0
+
+
+@pytest.mark.skipif(_RTSP_MISSING is not None, reason=f"RTSP test server: {_RTSP_MISSING}")
+def test_live_rtsp_end_of_stream_is_an_outage_not_the_end(pull: Pull) -> None:
+    """A live camera (no duration) that sends end-of-stream, as a restarting camera or relay
+    does, is reconnected with backoff and its timeline continues; only finite media end."""
+    with RtspServer(live_frames=15) as server:
+        source, got = pull(server.url, reconnect_initial_s=0.2, reconnect_max_s=0.5)
+        got.wait_kind("reconnecting", timeout=20)
+        got.wait_frames(20, timeout=20)  # frames of the next connection
+    assert "ended" not in got.kinds() and "failed" not in got.kinds()
+    assert got.kinds().count("connected") >= 2
+    assert "stream ended" in got.wait_kind("reconnecting").message
+    assert_increasing(got.frames)
+    assert source.stats.reconnects >= 1
