@@ -1,5 +1,8 @@
 """`LiveLensClient`: the server's REST API and question websocket from Python (docs/clients.md).
 
+Questions are checked before they are sent by the server's own parser (stream/protocol.py,
+torch-free), so the client refuses exactly what the server would, with the same codes.
+
 Async first (httpx for REST, the `websockets` package for questions); `BlockingClient` runs the
 same client on a private event loop in a daemon thread, so scripts and notebooks (whose own loop
 is already running) can call it without `await`.
@@ -25,6 +28,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from livelens.stream.lifecycle import FINAL_STATES
+from livelens.stream.protocol import ProtocolError, parse_client_message
 
 logger = logging.getLogger(__name__)
 
@@ -643,8 +647,13 @@ class LiveLensClient:
             "memory": memory,
         }
         message.update({k: v for k, v in sampling.items() if v is not None})
+        text = json.dumps(message)
+        try:  # the server's own parser (stream/protocol.py): same limits, same codes
+            parse_client_message(text)
+        except ProtocolError as exc:
+            raise ServerError(None, exc.code, exc.message) from None
         async with self._socket(session_id) as (ws, _):
-            await ws.send(json.dumps(message))
+            await ws.send(text)
             answered = False
             try:
                 while True:

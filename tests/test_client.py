@@ -262,3 +262,24 @@ def test_client_types_mirror_the_server_messages() -> None:
     assert names(Thumbnail) == message(protocol.ThumbnailOut)
     assert names(SessionInfo) == names(SessionRecord) | {"status"}
     assert names(SessionStats) == {*STATS_KEYS, "gaps"}
+
+
+def test_questions_are_checked_by_the_server_parser_before_sending() -> None:
+    """The client refuses what the server would, with the server's codes, and never connects:
+    the server here is a closed port (a connection attempt would be ConnectionFailed)."""
+
+    async def ask(**fields) -> ServerError:
+        async with LiveLensClient(f"http://127.0.0.1:{closed_port()}") as client:
+            with pytest.raises(ServerError) as refused:
+                await client.answer("0" * 32, **fields)
+            return refused.value
+
+    for fields, code in (
+        ({"question": "q", "max_new_tokens": 5000}, "invalid_message"),
+        ({"question": "q", "temperature": 0.0001}, "invalid_message"),
+        ({"question": "q", "memory": "everything"}, "invalid_message"),
+        ({"question": "   "}, "empty_question"),
+        ({"question": "x" * 2001}, "question_too_long"),
+    ):
+        error = asyncio.run(ask(**fields))
+        assert (error.status, error.code) == (None, code), fields
