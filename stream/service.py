@@ -358,12 +358,14 @@ class LiveService:
         source: str,
         publication: Callable[[str], Source],
         window_s: float | None = None,
+        memory_s: float | None = None,
     ) -> LiveSession:
-        """The WHIP endpoint's session opener (`window_s` from the WHIP URL's `?window=`);
+        """The WHIP endpoint's session opener (`window_s`, `memory_s` from the WHIP URL's
+        `?window=` and `?memory=`);
         `publication(session_id)` is the publisher as a `Source` the service closes when the
         session ends."""
         try:
-            session = self.open_session("whip", source, window_s=window_s)
+            session = self.open_session("whip", source, window_s=window_s, memory_s=memory_s)
         except ServiceError as exc:
             raise SessionRefused(exc.code, exc.message) from None
         self.sources[session.id] = publication(session.id)

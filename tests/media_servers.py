@@ -377,8 +377,8 @@ def closed_port() -> int:
 
 # The RTSP server script, run by the system python3. It serves one MP4's H.264 track at its
 # media rate to every client (or, given a frame count, a live camera: a test pattern encoded to
-# VP8 as it is made, with no duration, that ends after that many frames), on the port it prints (the OS
-# picks it), until stdin closes. Every client gets its own pipeline.
+# VP8 as it is made, with no duration, that ends after that many frames), on the port it prints
+# (the OS picks it), until stdin closes. Every client gets its own pipeline.
 _RTSP_SERVER = r"""
 import sys, threading
 import gi

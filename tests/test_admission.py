@@ -175,12 +175,16 @@ def test_a_whip_publisher_chooses_its_window_in_the_url(runner, tmp_path, redis_
         client,
         service,
     ):
-        for bad in ("0", "-3", "abc", "inf", "nan", "86401"):
-            response = client.post(f"/whip?window={bad}", content=aiortc_offer(), headers=SDP)
-            assert response.status_code == 400, (bad, response.text)
+        for query in (
+            *(f"window={bad}" for bad in ("0", "-3", "abc", "inf", "nan", "86401")),
+            *(f"memory={bad}" for bad in ("-1", "x", "nan", "604801")),
+        ):
+            response = client.post(f"/whip?{query}", content=aiortc_offer(), headers=SDP)
+            assert response.status_code == 400, (query, response.text)
             assert response.json()["error"]["code"] == "bad_parameter"
         assert not service.sessions  # a refused offer opens nothing
-        response = client.post("/whip?window=30", content=aiortc_offer(), headers=SDP)
+        response = client.post("/whip?window=30&memory=0", content=aiortc_offer(), headers=SDP)
         assert response.status_code == 201, response.text
         sid = response.headers["x-livelens-session"]
         assert service.sessions[sid].settings.window_s == 30
+        assert service.sessions[sid].settings.memory_s == 0

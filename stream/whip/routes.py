@@ -37,21 +37,24 @@ _EXPOSED = "Location, ETag, Link, X-LiveLens-Session, Accept-Post"
 
 
 def _publish_options(query: Mapping[str, str]) -> dict[str, float]:
-    """Session options in the WHIP URL's query: `window` (media seconds the model holds, as in
-    `POST /v1/sessions`). Other parameters are ignored (RFC 9725 leaves the URL to the
-    server); a bad value is refused with 400 `bad_parameter`."""
+    """Session options in the WHIP URL's query: `window` (media seconds the model holds) and
+    `memory` (media seconds before the window kept for questions about the past), as in
+    `POST /v1/sessions`. Other parameters are ignored (RFC 9725 leaves the URL to the server);
+    a bad value is refused with 400 `bad_parameter`."""
     options: dict[str, float] = {}
-    raw = query.get("window")
-    if raw is not None:
+    for name, low_open, high in (("window", True, 86400.0), ("memory", False, 7 * 86400.0)):
+        raw = query.get(name)
+        if raw is None:
+            continue
         try:
-            window = float(raw)
+            value = float(raw)
         except ValueError:
-            window = math.nan
-        if not (math.isfinite(window) and 0 < window <= 86400):
-            raise WhipError(
-                400, "bad_parameter", "window must be a number of seconds in (0, 86400]"
-            )
-        options["window_s"] = window
+            value = math.nan
+        low_ok = value > 0 if low_open else value >= 0
+        if not (math.isfinite(value) and low_ok and value <= high):
+            bounds = f"{'(' if low_open else '['}0, {high:g}]"
+            raise WhipError(400, "bad_parameter", f"{name} must be a number of seconds in {bounds}")
+        options[f"{name}_s"] = value
     return options
 
 
@@ -135,7 +138,15 @@ def whip_router(
                     "description": "media seconds of video the model holds for this publication "
                     "(default: the server's --window)",
                     "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 86400},
-                }
+                },
+                {
+                    "name": "memory",
+                    "in": "query",
+                    "required": False,
+                    "description": "media seconds before the window kept for questions about "
+                    "the past (default: the server's --memory; 0: none)",
+                    "schema": {"type": "number", "minimum": 0, "maximum": 604800},
+                },
             ],
         },
     )
