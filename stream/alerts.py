@@ -99,57 +99,32 @@ class AlertState:
 
     def definition(self) -> dict[str, Any]:
         """What persists (Redis): the request, the id, the secret and the creation time."""
-        return {
-            "id": self.id,
-            "condition": self.condition,
-            "every": self.every,
-            "cooldown": self.cooldown,
-            "threshold": self.threshold,
-            "hysteresis": self.hysteresis,
-            "webhook": self.webhook,
-            "secret": self.secret,
-            "created": self.created,
-        }
+        return {name: getattr(self, name) for name in _DEFINITION}
 
     @classmethod
     def from_definition(cls, session_id: str, d: dict[str, Any]) -> AlertState:
+        numbers = {
+            name: float(d[name]) for name in ("every", "cooldown", "threshold", "hysteresis")
+        }
         return cls(
             id=str(d["id"]),
             session_id=session_id,
             condition=str(d["condition"]),
-            every=float(d["every"]),
-            cooldown=float(d["cooldown"]),
-            threshold=float(d["threshold"]),
-            hysteresis=float(d["hysteresis"]),
             webhook=d.get("webhook"),
             secret=d.get("secret"),
             created=str(d["created"]),
+            **numbers,
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The alert as the API shows it (never the secret)."""
-        return {
-            "id": self.id,
+        """The alert as the API shows it: never the secret, the webhook redacted."""
+        shown = self.definition() | {
             "session_id": self.session_id,
-            "condition": self.condition,
             "question": self.question,
-            "every": self.every,
-            "cooldown": self.cooldown,
-            "threshold": self.threshold,
-            "hysteresis": self.hysteresis,
             "webhook": None if self.webhook is None else redact_webhook(self.webhook),
-            "created": self.created,
-            "active": self.active,
-            "confidence": self.confidence,
-            "evaluated_at": self.evaluated_at,
-            "evaluations": self.evaluations,
-            "skipped": self.skipped,
-            "events": self.events,
-            "suppressed": self.suppressed,
-            "webhook_deliveries": self.webhook_deliveries,
-            "webhook_failures": self.webhook_failures,
-            "last_webhook_error": self.last_webhook_error,
         }
+        del shown["secret"]
+        return shown | {name: getattr(self, name) for name in _STATE}
 
     def advance(self, probe: Probe) -> str | None:
         """Take one evaluation; returns "rise" or "fall" when an event edge is to be sent."""
@@ -167,6 +142,18 @@ class AlertState:
             self.active = False
             return "fall" if self.current is not None else None
         return None
+
+
+_DEFINITION = (
+    "id", "condition", "every", "cooldown", "threshold", "hysteresis", "webhook", "secret",
+    "created",
+)  # fmt: skip
+"""AlertState's fields that persist (`definition`)."""
+_STATE = (
+    "active", "confidence", "evaluated_at", "evaluations", "skipped", "events", "suppressed",
+    "webhook_deliveries", "webhook_failures", "last_webhook_error",
+)  # fmt: skip
+"""AlertState's running state the API shows beside the definition (`to_json`)."""
 
 
 def check_condition(condition: str) -> str:
