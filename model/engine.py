@@ -397,6 +397,8 @@ class Engine:
         )
         self.stop_ids = _stop_ids(self.tokenizer, runner.model.generation_config)
         self.yes_ids, self.no_ids = _yes_no_ids(self.tokenizer)
+        self._yes_index = torch.tensor(self.yes_ids, device=runner.device)
+        self._no_index = torch.tensor(self.no_ids, device=runner.device)
         penalty = runner.model.generation_config.repetition_penalty
         self.default_repetition_penalty = float(penalty) if penalty is not None else 1.0
 
@@ -796,6 +798,12 @@ class Engine:
         pruned = session.pruner(images)
         per_frame = session.height * session.width // self.runner.patch_size**2
         admitted = self.scheduler.session(session.session_id).frames_admitted
+        # One device sync for the batch, and only when a standing question needs it.
+        changed = (
+            (pruned.distance > session.pruner.threshold).any(dim=1).tolist()
+            if session.watches
+            else []
+        )
         for i, (_, t) in enumerate(taken):
             keep = pruned.keep[i]
             session.pending_text += self.prompt.frame_label(admitted + i, t)
@@ -824,8 +832,7 @@ class Engine:
                 anchor=anchor,
             )
             if session.watches:
-                changed = bool((pruned.distance[i] > session.pruner.threshold).any())
-                self._due_watches(session, t, changed, callbacks)
+                self._due_watches(session, t, changed[i], callbacks)
 
     def _add_question(
         self, key: str, job: QuestionJob, callbacks: _Callbacks, watch: _Watch | None = None
@@ -864,10 +871,14 @@ class Engine:
         """After a frame at media time `t` is admitted: start (or skip) the evaluations due."""
         for watch in session.watches.values():
             watch.changed |= changed
+            if watch.next_due == -math.inf:
+                watch.next_due = t  # due times: the first frame's, then every `every` seconds
             if len(watch.in_flight) >= MAX_PROBES_IN_FLIGHT or t < watch.next_due - _TIME_EPS:
                 continue
-            # Due times follow the stream: a frame that comes late does not bring a burst.
-            watch.next_due = max(watch.next_due + watch.every, t + watch.every - _TIME_EPS)
+            # The next due time on that grid after t: a frame that comes late brings no burst,
+            # and frames whose period does not divide `every` keep its rate.
+            passed = math.floor((t - watch.next_due + _TIME_EPS) / watch.every) + 1
+            watch.next_due += passed * watch.every
             unchanged = not watch.changed and watch.confidence is not None
             # A skipped result repeats the last confidence: only once no evaluation is pending.
             if self.config.skip_unchanged and unchanged and not watch.in_flight:
@@ -923,13 +934,14 @@ class Engine:
             callbacks.add(job.on_error, exc)
             return
         chosen = self._select(session, self._tokenize(question))
+        if not chosen:  # nothing fits beside the window: the window alone answers
+            self._add_question(session.session_id, job, callbacks)
+            return
         key = f"{session.session_id}#recall{next(self._ids)}"
         try:
             self.scheduler.add_session(key)
         except Refused as exc:  # the pool cannot hold it now: the window alone answers
             logger.warning("session %s: answering without recall: %s", session.session_id, exc)
-            chosen = []
-        if not chosen:
             self._add_question(session.session_id, job, callbacks)
             return
         context = _Session(key, deque(maxlen=1), "")
@@ -946,9 +958,10 @@ class Engine:
                 pending = ""
                 frame = self.scheduler.add_frame(key, t, len(ids) + int(features.shape[0]))
                 context.frames[frame.index] = FrameInput(label_ids=ids, features=features)
-        except Refused as exc:
+        except Refused as exc:  # the context is fuller than estimated: the window alone answers
+            logger.warning("session %s: answering without recall: %s", session.session_id, exc)
             self._close_context(key)
-            callbacks.add(job.on_error, SessionError(str(exc)))
+            self._add_question(session.session_id, job, callbacks)
             return
         request_id = self._add_question(key, job, callbacks)
         if request_id is None:
@@ -1206,10 +1219,11 @@ class Engine:
         callbacks.add(watch.on_result, probe)
 
     def _confidence(self, logits: torch.Tensor) -> float:
-        probs = torch.softmax(logits.float(), dim=-1)
-        yes = float(probs[list(self.yes_ids)].sum())
-        no = float(probs[list(self.no_ids)].sum())
-        return yes / (yes + no) if yes + no > 0 else 0.5
+        """P(yes) / (P(yes) + P(no)) = sigmoid(logsumexp(yes logits) - logsumexp(no logits))."""
+        logits = logits.float()
+        yes = torch.logsumexp(logits[self._yes_index.to(logits.device)], 0)
+        no = torch.logsumexp(logits[self._no_index.to(logits.device)], 0)
+        return float(torch.sigmoid(yes - no))
 
     def _drop_active(self, request_id: str) -> _Active | None:
         active = self._active.pop(request_id, None)

@@ -93,6 +93,20 @@ def test_every_is_media_time_and_a_question_still_answers_beside_it(tiny_model) 
     assert question.answer is not None and question.answer.stream_position == times[-1]
 
 
+def test_due_times_keep_their_rate_when_frames_do_not_divide_it(tiny_model) -> None:
+    """Frames every 0.9 s, every=1: due at 0, 1, 2, ... s, each taken by the first frame at or
+    after it (not one evaluation per 1.8 s, as due times counted from each frame would give)."""
+    engine = _engine(tiny_model)
+    frames, _ = _clip(6, 8)
+    times = [round(0.9 * i, 1) for i in range(8)]
+    _open(engine, "a")
+    results = _watch(engine, "a", every=1.0)
+    for image, t in zip(frames, times, strict=True):
+        engine.submit_frame("a", image, t)
+        _run(engine, lambda: engine.pending("a") == 0 and not engine.session_record("a").probes)
+    assert [p.time for p in results.probes] == [0.0, 1.8, 2.7, 3.6, 4.5, 5.4, 6.3]
+
+
 def test_unchanged_video_skips_the_evaluation_and_a_change_runs_it(tiny_model) -> None:
     def run(skip: bool) -> list[Probe]:
         engine = _engine(tiny_model, skip_unchanged=skip)
