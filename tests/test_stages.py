@@ -61,9 +61,16 @@ def test_a_failing_frame_does_not_stop_the_stage_and_close_drops_the_rest() -> N
         stage.put("bad")
         stage.put(1)
         wait_for(lambda: work.done == [1])
-        stage.close()
+        work.gate.clear()  # 2 is being converted, 3 and 4 wait
         stage.put(2)
-    assert work.done == [1]
+        wait_for(lambda: stage.waiting == 0)
+        stage.put(3)
+        stage.put(4)
+        stage.close()  # drops 3 and 4; 2 finishes
+        stage.put(5)  # ignored
+        work.gate.set()
+        wait_for(lambda: work.done == [1, 2])
+    assert work.done == [1, 2]
     with pytest.raises(ValueError, match="max_waiting"):
         FrameStage(work, None, max_waiting=0)
 

@@ -292,6 +292,7 @@ def test_a_failing_callback_does_not_kill_the_worker(
     results: list[DeliveryResult] = []
 
     def broken(result: DeliveryResult) -> None:
+        results.append(result)
         raise RuntimeError("callback bug")
 
     async def scenario() -> DeliveryResult:
@@ -304,7 +305,7 @@ def test_a_failing_callback_does_not_kill_the_worker(
         return result
 
     assert asyncio.run(scenario()).ok
-    assert results == [] and len(server.requests) == 2
+    assert [r.ok for r in results] == [True] and len(server.requests) == 2
     assert "webhook result callback failed" in caplog.text
 
 
