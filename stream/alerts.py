@@ -178,6 +178,8 @@ class Evidence:
     frames: dict[float, bytes] = field(default_factory=dict)
     """Media time -> JPEG, from CLIP_BEFORE_S before the rise to CLIP_AFTER_S after."""
     complete: bool = False
+    mp4: bytes | None = None
+    """The clip, encoded once it is complete (`clip`)."""
 
     def top_up(self, session: LiveSession) -> None:
         """Copy the clip's frames the session's thumbnail ring holds now."""
@@ -189,6 +191,17 @@ class Evidence:
             self.frames.setdefault(thumb.time, thumb.jpeg)
         edge = session.live_edge
         self.complete = edge is not None and edge >= self.rise + CLIP_AFTER_S
+
+    async def clip(self) -> bytes:
+        """The MP4 of the frames held, encoded in a worker thread; kept once the clip is
+        complete, so it is encoded at most once however often it is fetched."""
+        if self.mp4 is not None:
+            return self.mp4
+        complete, frames = self.complete, dict(self.frames)  # on the loop, which adds frames
+        video = await asyncio.to_thread(encode_clip, frames)
+        if complete:
+            self.mp4 = video
+        return video
 
 
 def encode_clip(frames: dict[float, bytes]) -> bytes:
@@ -246,14 +259,11 @@ class AlertManager:
     async def restore(self, session: LiveSession) -> int:
         """Attach the alerts Redis keeps for this session id (a session opened again under
         its id, `serve --demo`); returns how many."""
-        definitions = await self.registry.load_alerts(session.id)
+        stored = await self.stored(session.id)
+        if session.ended_at is not None:
+            return 0  # it ended (and may be forgotten) while Redis answered
         held = self._held(session)
-        for d in definitions.values():
-            try:
-                alert = AlertState.from_definition(session.id, d)
-            except (KeyError, TypeError, ValueError):
-                logger.warning("session %s: skipped a malformed stored alert", session.id)
-                continue
+        for alert in stored:
             if len(held.alerts) >= self.max_alerts:
                 logger.warning("session %s: stored alert %s over the limit", session.id, alert.id)
             elif alert.id not in held.alerts:
@@ -262,6 +272,16 @@ class AlertManager:
                 except ServiceError as exc:  # the session ended meanwhile
                     logger.info("session %s: alert %s not restored: %s", session.id, alert.id, exc)
         return len(held.alerts)
+
+    async def stored(self, session_id: str) -> list[AlertState]:
+        """The definitions Redis keeps for a session id (malformed ones skipped, logged)."""
+        alerts = []
+        for d in (await self.registry.load_alerts(session_id)).values():
+            try:
+                alerts.append(AlertState.from_definition(session_id, d))
+            except (KeyError, TypeError, ValueError):
+                logger.warning("session %s: skipped a malformed stored alert", session_id)
+        return alerts
 
     def forget(self, session_id: str) -> None:
         """The node no longer holds the session: its evidence goes (definitions stay in Redis)."""

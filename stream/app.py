@@ -27,7 +27,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from livelens.clients import CONSOLE_DIR
 from livelens.model.sampling import SessionError
 from livelens.stream import redact
-from livelens.stream.alerts import AlertState, encode_clip
 from livelens.stream.auth import KeyRing, KeysFileError, Tickets
 from livelens.stream.auth_guard import SCOPE_KEY, AuthGuard
 from livelens.stream.errors import ServiceError
@@ -331,9 +330,7 @@ def create_app(
         alerts = service.alerts.alerts(session_id) if service.get(session_id) else None
         if alerts is None:
             await _record_or_404(session_id)
-            assert service.registry is not None
-            stored = await service.registry.load_alerts(session_id)
-            alerts = [AlertState.from_definition(session_id, d) for d in stored.values()]
+            alerts = await service.alerts.stored(session_id)
         return {"session_id": session_id, "alerts": [a.to_json() for a in alerts]}
 
     @app.get(
@@ -398,8 +395,8 @@ def create_app(
         await _held_here(session_id)
         evidence = service.alerts.evidence(session_id, event_id)
         if not evidence.frames:
-            raise ServiceError(404, "no_thumbnail", "no frame was kept around the event")
-        video = await asyncio.to_thread(encode_clip, dict(evidence.frames))
+            raise ServiceError(404, "no_frames", "no frame was kept around the event")
+        video = await evidence.clip()
         return Response(
             video,
             media_type="video/mp4",

@@ -1,11 +1,11 @@
 """A live session: decoded frames in (from any source), sampled frames to the model, answers out.
 
 Sources call `push()` for every decoded frame, from their own thread or the event loop; it only
-counts and samples by media time. The few sampled frames are resized to the session grid, kept
-as a JPEG thumbnail and handed to the engine's bounded inbox, never on the event loop: frames
-pushed on the loop (a WHIP track) go to the session's `FrameStage` (stream/stages.py), a worker;
-a pull source's own thread converts them itself, so a file read faster than real time is held
-back rather than dropped. Answers and status go to the
+counts and samples by media time. The few sampled frames go to the session's `FrameStage`
+(stream/stages.py), which resizes them to the session grid, keeps a JPEG thumbnail and hands
+them to the engine's bounded inbox, never on the event loop: on the service's frame workers for
+a WHIP track (read on the loop), in its own thread for a pull source (so a file read faster than
+real time is held back rather than dropped). Answers and status go to the
 watchers (one per websocket) through bounded asyncio queues; the model's callbacks hop onto the
 loop first.
 """
@@ -139,8 +139,9 @@ class LiveSession:
         metrics: Any = None,
         executor: Executor | None = None,
     ) -> None:
-        """executor: where sampled frames are resized and thumbnailed (the service's pool);
-        None: in the caller's thread."""
+        """executor: where sampled frames are resized and thumbnailed: the service's pool for
+        sources read on the event loop (WHIP); None: in the pushing thread (a pull source's own,
+        which keeps backpressure on a file read faster than real time)."""
         self.id = session_id
         self.kind = kind
         self.source = source
@@ -182,9 +183,6 @@ class LiveSession:
         self.history_writes: set[asyncio.Task[object]] = set()
         """History entries being written (awaited when the server drains)."""
         self.stage = FrameStage(self._convert, executor, name=session_id)
-        self._loop_thread = threading.get_ident()
-        """The event loop's thread (sessions are made on it): frames pushed there go to the
-        stage's workers; a source's own thread converts them itself."""
 
     @property
     def session_id(self) -> str:
@@ -217,10 +215,7 @@ class LiveSession:
             self.loop.call_soon_threadsafe(self._set_state, State.LIVE, None)
         if self.grid is None or not self.model_started:
             return
-        if threading.get_ident() == self._loop_thread:
-            self.stage.put(decoded)  # a WHIP track, read on the loop: convert elsewhere
-        else:
-            self._convert(decoded)  # a pull source's own thread: convert here (backpressure)
+        self.stage.put(decoded)
 
     def _convert(self, decoded: DecodedFrame) -> None:
         """The stage's work (a worker thread): only sampled frames are ever converted."""

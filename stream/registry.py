@@ -232,6 +232,11 @@ class _Local:
     def live(self) -> bool:
         return self.record.state in LIVE_STATES
 
+    @property
+    def unsynced(self) -> bool:
+        """Something of the session waits to be written to Redis."""
+        return bool(self.pending or self.dirty or self.alerts_dirty or self.alert_events)
+
 
 class Registry:
     """Sessions of every node and their question/answer history; see the module docstring."""
@@ -656,10 +661,7 @@ class Registry:
         return max(1, int(left * 1000))
 
     def _unsynced(self) -> bool:
-        return any(
-            local.pending or local.dirty or local.alerts_dirty or local.alert_events
-            for local in self._local.values()
-        )
+        return any(local.unsynced for local in self._local.values())
 
     def _go_offline(self, exc: BaseException) -> None:
         """Switch to buffering after a Redis failure; the background task retries."""
@@ -716,11 +718,7 @@ class Registry:
         clean = [
             session_id
             for _, session_id in ended
-            if session_id in self._local
-            and not self._local[session_id].pending
-            and not self._local[session_id].dirty
-            and not self._local[session_id].alerts_dirty
-            and not self._local[session_id].alert_events
+            if session_id in self._local and not self._local[session_id].unsynced
         ]
         for session_id in clean[: max(0, len(clean) - self.keep_ended)]:
             del self._local[session_id]
@@ -799,11 +797,7 @@ class Registry:
             todo = [
                 (session_id, local)
                 for session_id, local in self._local.items()
-                if session_id not in done
-                or local.pending
-                or local.dirty
-                or local.alerts_dirty
-                or local.alert_events
+                if session_id not in done or local.unsynced
             ]
             if not todo:
                 break

@@ -291,6 +291,7 @@ class LiveService:
                 "too_many_sessions",
                 f"this node holds {live} live sessions, its limit; try again later",
             )
+        memory = self._memory(memory_s)  # refused before anything is admitted
         self._make_room()
         self._admit(session_id)
         limits = self.config.limits
@@ -301,7 +302,7 @@ class LiveService:
             ),
             tokens_per_frame=self.config.tokens_per_frame,
             window_s=window_s or self.config.window_s,
-            memory_s=self.config.memory_s if memory_s is None else memory_s,
+            memory_s=memory,
             thumbnails=self.config.thumbnails,
             max_questions=limits.max_questions_per_session,
             max_questions_per_watcher=limits.max_questions_per_connection,
@@ -316,7 +317,8 @@ class LiveService:
             on_history=self.registry.append_history,
             on_state=self._state_changed,
             metrics=self.metrics,
-            executor=self.frame_workers,
+            # A WHIP track is read on the event loop: its frames are converted elsewhere.
+            executor=self.frame_workers if kind == "whip" else None,
         )
         self.sessions[session.id] = session
         self._spawn(self._register(session))
@@ -330,6 +332,20 @@ class LiveService:
         restored = await self.alerts.restore(session)
         if restored:
             logger.info("session %s: %d alerts restored from redis", session.id, restored)
+
+    def _memory(self, asked: float | None) -> float:
+        """A session's memory: the server's --memory, or less when a client asks for less; more
+        is refused (host memory is the operator's to give)."""
+        if asked is None:
+            return self.config.memory_s
+        if asked > self.config.memory_s:
+            raise ServiceError(
+                422,
+                "memory_too_large",
+                f"memory of {asked:g} s asked; this server keeps at most "
+                f"{self.config.memory_s:g} s (--memory)",
+            )
+        return asked
 
     def _admit(self, session_id: str) -> None:
         """Promise the session its minimum of KV blocks, or refuse it with 503.
@@ -402,6 +418,7 @@ class LiveService:
         """
         if session_id is not None:
             await self._check_unclaimed(session_id)
+        self._memory(request.memory)  # refused before the source is opened
         checked = await self._target(request.source, operator=operator)
         config = PullConfig(
             reconnect_initial_s=self.config.pull.reconnect_initial_s,

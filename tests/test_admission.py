@@ -183,6 +183,11 @@ def test_a_whip_publisher_chooses_its_window_in_the_url(runner, tmp_path, redis_
             assert response.status_code == 400, (query, response.text)
             assert response.json()["error"]["code"] == "bad_parameter"
         assert not service.sessions  # a refused offer opens nothing
+        # More memory than the server's --memory is the operator's to refuse.
+        response = client.post("/whip?memory=601", content=aiortc_offer(), headers=SDP)
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "memory_too_large"
+        assert not service.sessions
         response = client.post("/whip?window=30&memory=0", content=aiortc_offer(), headers=SDP)
         assert response.status_code == 201, response.text
         sid = response.headers["x-livelens-session"]

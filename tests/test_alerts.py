@@ -184,6 +184,9 @@ def test_an_alert_fires_with_evidence_over_every_channel(
             with av.open(io.BytesIO(clip_answer.content)) as video:
                 frames = list(video.decode(video=0))
             assert len(frames) >= 5  # 2 fps from 3 s before to 2 s after the rise
+            # A complete clip is encoded once and kept.
+            kept = service.alerts.evidence(sid, event["event_id"]).mp4
+            assert kept == clip_answer.content
 
         # The webhook got the same event, signed with the alert's secret.
         headers, body = wait_for(lambda: receiver.received and receiver.received[0])

@@ -138,6 +138,11 @@ def test_the_service_answers_over_memory(tiny_model, tmp_path, redis_server) -> 
     config = fast_config(redis_server.url, media_root=tmp_path, window_s=2.0, memory_s=60.0)
     auth = {"Authorization": "Bearer m"}
     with running_app(ModelRunner(tiny_model), config, token="m") as (client, service):
+        too_much = client.post(
+            "/v1/sessions", json={"source": str(clip.path), "memory": 61}, headers=auth
+        )
+        assert too_much.status_code == 422
+        assert too_much.json()["error"]["code"] == "memory_too_large"
         sid = client.post(
             "/v1/sessions", json={"source": str(clip.path), "realtime": False}, headers=auth
         ).json()["id"]
