@@ -15,6 +15,7 @@ are never followed. Its outcome reaches the caller as a `DeliveryResult` on the 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import ipaddress
@@ -27,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import SplitResult
+from urllib.parse import SplitResult, urlsplit
 
 import httpx
 
@@ -287,12 +288,15 @@ class DeliveryResult:
     """Why the last attempt failed (None on success); safe to show to the alert's owner."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Delivery:
     url: str
     secret: str
     body: bytes
     on_result: Callable[[DeliveryResult], None]
+    destination: str
+    attempts: int = 0
+    backoff: asyncio.TimerHandle | None = None
 
 
 class _AttemptFailed(Exception):
@@ -301,11 +305,27 @@ class _AttemptFailed(Exception):
         self.error, self.status, self.final = error, status, final
 
 
-class WebhookSender:
-    """Delivers webhooks from a bounded queue with `concurrency` workers; one per service.
+def destination_of(url: str) -> str:
+    """The origin deliveries are grouped by (`scheme://host:port`, lower case); the URL itself
+    when it does not parse (its first attempt then fails for good)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or SCHEMES.get(parts.scheme.lower(), 0)
+        host = (parts.hostname or "").lower()
+    except ValueError:
+        return url
+    return f"{parts.scheme.lower()}://{host}:{port}" if host else url
 
-    A worker keeps a delivery, backoff sleeps included, until it ends; `submit` refuses once
-    `max_queue` deliveries wait for a worker.
+
+class WebhookSender:
+    """Delivers webhooks with `concurrency` worker tasks; one per service.
+
+    Fair across destinations (origins): deliveries wait per destination, workers take
+    destinations in turn, and a destination has at most one attempt in flight, so one that hangs
+    or keeps failing holds one worker for one timeout at a time while the others deliver. A
+    failed attempt's backoff holds no worker. Bounds: `max_queue` deliveries waiting in all
+    (backoffs included, attempts in flight not), `max_per_destination` held for one destination.
+    Deliveries to one destination are attempted in submission order, a retry before newer ones.
     """
 
     def __init__(
@@ -313,22 +333,40 @@ class WebhookSender:
         policy: WebhookPolicy,
         *,
         max_queue: int = 1000,
+        max_per_destination: int = 100,
         attempts: int = 5,
         backoff_s: float = 1.0,
         timeout_s: float = 5.0,
         concurrency: int = 4,
         verify: ssl.SSLContext | bool = True,
     ) -> None:
-        if max_queue < 1 or attempts < 1 or concurrency < 1:
-            raise ValueError("max_queue, attempts and concurrency must be at least 1")
+        if min(max_queue, max_per_destination, attempts, concurrency) < 1:
+            raise ValueError(
+                "max_queue, max_per_destination, attempts and concurrency must be at least 1"
+            )
         self.policy = policy
         self.attempts, self.backoff_s, self.timeout_s = attempts, backoff_s, timeout_s
         self.concurrency = concurrency
+        self.max_queue, self.max_per_destination = max_queue, max_per_destination
         self._verify = verify
-        self._queue: asyncio.Queue[_Delivery] = asyncio.Queue(maxsize=max_queue)
+        self._waiting: dict[str, collections.deque[_Delivery]] = {}
+        """Per destination, deliveries ready for their next attempt."""
+        self._held: collections.Counter[str] = collections.Counter()
+        """Per destination, deliveries not finished (waiting, backing off or in flight)."""
+        self._turns: collections.deque[str] = collections.deque()
+        """Destinations with a waiting delivery and no attempt in flight, in turn order."""
+        self._turn_ready = asyncio.Semaphore(0)
+        """Counts `_turns`."""
+        self._in_flight: set[str] = set()
+        self._backoffs: set[asyncio.TimerHandle] = set()
         self._workers: list[asyncio.Task[None]] = []
         self._client: httpx.AsyncClient | None = None
         self._closed = False
+
+    @property
+    def queued(self) -> int:
+        """Deliveries waiting for an attempt or backing off."""
+        return sum(self._held.values()) - len(self._in_flight)
 
     async def start(self) -> None:
         """Open the HTTP client and start the workers."""
@@ -357,8 +395,13 @@ class WebhookSender:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
-        while not self._queue.empty():
-            self._queue.get_nowait()
+        for handle in self._backoffs:
+            handle.cancel()
+        self._backoffs.clear()
+        self._waiting.clear()
+        self._held.clear()
+        self._turns.clear()
+        self._in_flight.clear()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -372,53 +415,95 @@ class WebhookSender:
     ) -> bool:
         """Queue a delivery of `event` (its `type` key left out) to `url`; call on the event loop.
 
-        False, after `on_result` got a failed result, when the queue is full or the sender is
-        closed.
+        False, after `on_result` got a failed result, when the sender is closed or a bound is
+        reached.
         """
         payload = {k: v for k, v in event.items() if k != "type"}
         body = json.dumps(payload, separators=(",", ":")).encode()
+        destination = destination_of(url)
         if self._closed:
             error = "webhook sender closed"
+        elif self.queued >= self.max_queue:
+            error = "delivery queue full"
+        elif self._held[destination] >= self.max_per_destination:
+            error = "delivery queue for this destination full"
         else:
-            try:
-                self._queue.put_nowait(_Delivery(url, secret, body, on_result))
-                return True
-            except asyncio.QueueFull:
-                error = "delivery queue full"
+            self._held[destination] += 1
+            self._ready(_Delivery(url, secret, body, on_result, destination))
+            return True
         logger.warning("webhook delivery to %s refused: %s", redact_webhook(url[:200]), error)
         _report(on_result, DeliveryResult(ok=False, attempts=0, status=None, error=error))
         return False
 
+    def _ready(self, delivery: _Delivery, *, retry: bool = False) -> None:
+        """`delivery` waits for its next attempt; a retry goes before newer deliveries."""
+        waiting = self._waiting.setdefault(delivery.destination, collections.deque())
+        if retry:
+            waiting.appendleft(delivery)
+        else:
+            waiting.append(delivery)
+        self._offer_turn(delivery.destination)
+
+    def _offer_turn(self, destination: str) -> None:
+        idle = destination not in self._in_flight and destination not in self._turns
+        if idle and self._waiting.get(destination):
+            self._turns.append(destination)
+            self._turn_ready.release()
+
     async def _work(self) -> None:
         while True:
-            delivery = await self._queue.get()
+            await self._turn_ready.acquire()
+            destination = self._turns.popleft()
+            delivery = self._waiting[destination].popleft()
+            if not self._waiting[destination]:
+                del self._waiting[destination]
+            self._in_flight.add(destination)
             try:
-                result = await self._deliver(delivery)
+                result = await self._attempt_once(delivery)
             except Exception:  # a bug here must not cost the service a worker
                 logger.exception("webhook delivery crashed")
                 result = DeliveryResult(ok=False, attempts=0, status=None, error="internal error")
             finally:
-                self._queue.task_done()
-            _report(delivery.on_result, result)
-
-    async def _deliver(self, delivery: _Delivery) -> DeliveryResult:
-        failure = _AttemptFailed("no attempt made")
-        for attempt in range(1, self.attempts + 1):
-            if attempt > 1:
-                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 2))
-            try:
-                status = await self._attempt(delivery)
-            except _AttemptFailed as exc:
-                failure = exc
-                logger.info("webhook attempt %d/%d failed: %s", attempt, self.attempts, exc.error)
-                if exc.final:
-                    return DeliveryResult(False, attempt, exc.status, exc.error)
+                self._in_flight.discard(destination)
+                self._offer_turn(destination)
+            if result is None:
+                delay = self.backoff_s * 2 ** (delivery.attempts - 1)
+                loop = asyncio.get_running_loop()
+                delivery.backoff = loop.call_later(delay, self._retry, delivery)
+                self._backoffs.add(delivery.backoff)
                 continue
-            return DeliveryResult(True, attempt, status, None)
-        logger.warning(
-            "webhook delivery failed after %d attempts: %s", self.attempts, failure.error
-        )
-        return DeliveryResult(False, self.attempts, failure.status, failure.error)
+            self._finish(delivery, result)
+
+    def _retry(self, delivery: _Delivery) -> None:
+        if delivery.backoff is not None:
+            self._backoffs.discard(delivery.backoff)
+            delivery.backoff = None
+        if not self._closed:
+            self._ready(delivery, retry=True)
+
+    def _finish(self, delivery: _Delivery, result: DeliveryResult) -> None:
+        self._held[delivery.destination] -= 1
+        if self._held[delivery.destination] <= 0:
+            del self._held[delivery.destination]
+        _report(delivery.on_result, result)
+
+    async def _attempt_once(self, delivery: _Delivery) -> DeliveryResult | None:
+        """One attempt; its result when the delivery ends, None when it is to be retried."""
+        delivery.attempts += 1
+        attempt = delivery.attempts
+        try:
+            status = await self._attempt(delivery)
+        except _AttemptFailed as exc:
+            logger.info("webhook attempt %d/%d failed: %s", attempt, self.attempts, exc.error)
+            if exc.final:
+                return DeliveryResult(False, attempt, exc.status, exc.error)
+            if attempt < self.attempts:
+                return None
+            logger.warning(
+                "webhook delivery failed after %d attempts: %s", self.attempts, exc.error
+            )
+            return DeliveryResult(False, attempt, exc.status, exc.error)
+        return DeliveryResult(True, attempt, status, None)
 
     async def _attempt(self, delivery: _Delivery) -> int:
         """One attempt: check the policy again, POST to a checked address; the 2xx status."""

@@ -285,6 +285,110 @@ def test_queue_bound(server: HookServer) -> None:
     assert len(server.requests) == 1
 
 
+def test_a_hanging_destination_holds_one_worker_and_the_others_deliver(
+    server: HookServer,
+) -> None:
+    """Deliveries to a destination that never answers take one worker, one attempt at a time,
+    even when more arrive while one is in flight; a delivery to another destination submitted
+    after them arrives at once."""
+    server.hang = True
+    other = HookServer()
+    policy = WebhookPolicy(allow=(f"127.0.0.1:{server.port}", f"127.0.0.1:{other.port}"))
+    sender = fast(policy, concurrency=2, timeout_s=4.0, attempts=2)
+    results: list[tuple[str, DeliveryResult]] = []
+
+    async def scenario() -> float:
+        await sender.start()
+        loop = asyncio.get_running_loop()
+
+        def hanging() -> bool:
+            return sender.submit(server.url(), "k", EVENT, lambda r: results.append(("a", r)))
+
+        assert hanging()
+        await asyncio.to_thread(server.arrived.acquire, True, 10)
+        assert all(hanging() for _ in range(5))
+        await asyncio.sleep(0.2)  # time for a second worker to take one of them, if it could
+        started = loop.time()
+        done: asyncio.Future[DeliveryResult] = loop.create_future()
+        assert sender.submit(other.url(), "k", EVENT, done.set_result)
+        assert (await asyncio.wait_for(done, 10)).ok
+        elapsed = loop.time() - started
+        await sender.close()
+        return elapsed
+
+    try:
+        elapsed = asyncio.run(scenario())
+    finally:
+        other.stop()
+    assert elapsed < 2.0  # not behind the hanging destination's 4 s timeouts
+    assert len(server.requests) == 1  # one attempt in flight to the hanging destination
+    assert len(other.requests) == 1 and results == []
+
+
+def test_a_backoff_holds_no_worker(server: HookServer) -> None:
+    """While a failing delivery waits to be retried, the only worker delivers elsewhere."""
+    server.status = 500
+    other = HookServer()
+    policy = WebhookPolicy(allow=(f"127.0.0.1:{server.port}", f"127.0.0.1:{other.port}"))
+    sender = fast(policy, concurrency=1, attempts=3, backoff_s=1.0)
+    order: list[str] = []
+
+    async def scenario() -> float:
+        await sender.start()
+        both = asyncio.Event()
+
+        def record(name: str):
+            def done(result: DeliveryResult) -> None:
+                order.append(f"{name}:{result.ok}:{result.attempts}")
+                if len(order) == 2:
+                    both.set()
+
+            return done
+
+        sender.submit(server.url(), "k", EVENT, record("failing"))
+        await asyncio.to_thread(server.arrived.acquire, True, 10)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        sender.submit(other.url(), "k", EVENT, record("other"))
+        await asyncio.to_thread(other.arrived.acquire, True, 10)
+        elapsed = loop.time() - started
+        await asyncio.wait_for(both.wait(), 20)
+        await sender.close()
+        return elapsed
+
+    try:
+        elapsed = asyncio.run(scenario())
+    finally:
+        other.stop()
+    assert elapsed < 0.8  # during the failing delivery's first 1 s backoff
+    assert order == ["other:True:1", "failing:False:3"]
+
+
+def test_per_destination_bound(server: HookServer) -> None:
+    """One destination cannot take the whole queue: past its bound only it is refused."""
+    server.hang = True
+    other = HookServer()
+    policy = WebhookPolicy(allow=(f"127.0.0.1:{server.port}", f"127.0.0.1:{other.port}"))
+    sender = fast(policy, max_per_destination=2, concurrency=1, timeout_s=5.0)
+    refused: list[DeliveryResult] = []
+
+    async def scenario() -> list[bool]:
+        await sender.start()
+        accepted = [sender.submit(server.url(), "k", EVENT, refused.append) for _ in range(3)]
+        # The same origin however the URL is written.
+        accepted.append(sender.submit(server.url("/other?x"), "k", EVENT, refused.append))
+        accepted.append(sender.submit(other.url(), "k", EVENT, refused.append))
+        await sender.close()
+        return accepted
+
+    try:
+        assert asyncio.run(scenario()) == [True, True, False, False, True]
+    finally:
+        other.stop()
+    error = "delivery queue for this destination full"
+    assert refused == [DeliveryResult(ok=False, attempts=0, status=None, error=error)] * 2
+
+
 def test_a_failing_callback_does_not_kill_the_worker(
     server: HookServer, caplog: pytest.LogCaptureFixture
 ) -> None:
