@@ -107,6 +107,14 @@ class HookServer:
 
 
 @pytest.fixture
+def other() -> HookServer:
+    """A second receiver, for deliveries to another destination."""
+    hook = HookServer()
+    yield hook
+    hook.stop()
+
+
+@pytest.fixture
 def server() -> HookServer:
     hook = HookServer()
     yield hook
@@ -286,13 +294,12 @@ def test_queue_bound(server: HookServer) -> None:
 
 
 def test_a_hanging_destination_holds_one_worker_and_the_others_deliver(
-    server: HookServer,
+    server: HookServer, other: HookServer
 ) -> None:
     """Deliveries to a destination that never answers take one worker, one attempt at a time,
     even when more arrive while one is in flight; a delivery to another destination submitted
     after them arrives at once."""
     server.hang = True
-    other = HookServer()
     policy = WebhookPolicy(allow=(f"127.0.0.1:{server.port}", f"127.0.0.1:{other.port}"))
     sender = fast(policy, concurrency=2, timeout_s=4.0, attempts=2)
     results: list[tuple[str, DeliveryResult]] = []
@@ -316,19 +323,15 @@ def test_a_hanging_destination_holds_one_worker_and_the_others_deliver(
         await sender.close()
         return elapsed
 
-    try:
-        elapsed = asyncio.run(scenario())
-    finally:
-        other.stop()
+    elapsed = asyncio.run(scenario())
     assert elapsed < 2.0  # not behind the hanging destination's 4 s timeouts
     assert len(server.requests) == 1  # one attempt in flight to the hanging destination
     assert len(other.requests) == 1 and results == []
 
 
-def test_a_backoff_holds_no_worker(server: HookServer) -> None:
+def test_a_backoff_holds_no_worker(server: HookServer, other: HookServer) -> None:
     """While a failing delivery waits to be retried, the only worker delivers elsewhere."""
     server.status = 500
-    other = HookServer()
     policy = WebhookPolicy(allow=(f"127.0.0.1:{server.port}", f"127.0.0.1:{other.port}"))
     sender = fast(policy, concurrency=1, attempts=3, backoff_s=1.0)
     order: list[str] = []
@@ -356,18 +359,14 @@ def test_a_backoff_holds_no_worker(server: HookServer) -> None:
         await sender.close()
         return elapsed
 
-    try:
-        elapsed = asyncio.run(scenario())
-    finally:
-        other.stop()
+    elapsed = asyncio.run(scenario())
     assert elapsed < 0.8  # during the failing delivery's first 1 s backoff
     assert order == ["other:True:1", "failing:False:3"]
 
 
-def test_per_destination_bound(server: HookServer) -> None:
+def test_per_destination_bound(server: HookServer, other: HookServer) -> None:
     """One destination cannot take the whole queue: past its bound only it is refused."""
     server.hang = True
-    other = HookServer()
     policy = WebhookPolicy(allow=(f"127.0.0.1:{server.port}", f"127.0.0.1:{other.port}"))
     sender = fast(policy, max_per_destination=2, concurrency=1, timeout_s=5.0)
     refused: list[DeliveryResult] = []
@@ -381,10 +380,7 @@ def test_per_destination_bound(server: HookServer) -> None:
         await sender.close()
         return accepted
 
-    try:
-        assert asyncio.run(scenario()) == [True, True, False, False, True]
-    finally:
-        other.stop()
+    assert asyncio.run(scenario()) == [True, True, False, False, True]
     error = "delivery queue for this destination full"
     assert refused == [DeliveryResult(ok=False, attempts=0, status=None, error=error)] * 2
 
