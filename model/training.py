@@ -20,14 +20,19 @@ Recipe (docs/benchmarks.md has the learning curve and the experiments behind eac
 - per-moment targets ("What is in the scene at 12.0s?", "Is there a red ball at 12.0s?") beside
   the grounding answers, so each frame's label and content are supervised directly;
 - auxiliary losses that are not part of the saved model: visual tokens aligned with the words that
-  name their object (WordProbe), and per-frame deep supervision in the LLM (FrameProbe);
+  name their object (WordProbe), per-frame deep supervision in the LLM (FrameProbe), the asked
+  object named where the answer is made (QuestionProbe), and one attention head told which
+  frame each answer token comes from (PointerProbe: the frame whose label a time copies, the
+  frame a yes/no answer is about);
+- scenes with several objects more often than not, so an answer must depend on the object asked;
 - a narrow LLM (width 128, 4 heads of 64) with Qwen2.5's rope theta (1e6), unit-scale input
   embeddings and visual features at initialisation (_widen_inputs).
 Deterministic from --seed on a given machine (fixed step counts, seeded data and pools).
 
-Status: the model learns to read single frames and short clips (held-out yes/no well above the
-"No" prior) but not to ground: its WHEN answers on minute-long scenes score below answering "the
-whole video", so no checkpoint is committed yet (docs/benchmarks.md, issue 9).
+Status: with the pointer the model finds frames by their time labels, copies labels and reads
+"now", but it often points at the wrong stay of the object asked about (held-out WHEN mIoU
+0.3-0.4 against a target of 0.8), so no checkpoint is committed yet (docs/benchmarks.md, issue
+9).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import json
 import logging
 import math
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -118,10 +124,10 @@ class TrainConfig:
     """DiffFP thresholds drawn per clip: mostly the default, sometimes a pruning one."""
     stages: tuple[Stage, ...] = field(
         default_factory=lambda: (
-            Stage("frames", 900, 0.0, 0.0, (1.0,), _FRAMES, 8, clips=2000, balanced=True),
-            Stage("moments", 500, 2.0, 8.0, (1.0, 2.0), _MOMENTS, 12, 8, 600, balanced=True),
-            Stage("short", 500, 4.0, 16.0, (1.0, 2.0), _MIX, 12, 16, 400, balanced=True),
-            Stage("long", 400, 8.0, 48.0, (0.5, 1.0, 2.0), _MIX, 12, 48, 200, balanced=True),
+            Stage("frames", 400, 0.0, 0.0, (1.0,), _FRAMES, 8, clips=1000, balanced=True),
+            Stage("moments", 300, 2.0, 8.0, (1.0, 2.0), _MOMENTS, 12, 8, 500, balanced=True),
+            Stage("short", 600, 4.0, 16.0, (1.0, 2.0), _MIX, 12, 16, 400, balanced=True),
+            Stage("long", 1700, 8.0, 64.0, (0.5, 1.0, 2.0), _MIX, 12, 64, 1200, balanced=True),
         )
     )
     token_loss: float = 0.5
@@ -135,6 +141,11 @@ class TrainConfig:
     workers: int = 2
     """Processes making a stage's footage pool (the pool does not depend on their number)."""
     rope_theta: float = 1e6
+    objects: tuple[int, ...] = (1, 2, 2, 3, 3)
+    """Objects per training scene, drawn uniformly from this list."""
+    pointer_loss: float = 1.0
+    """Weight (before token_loss's) of the attention supervision of the last layer's first head
+    (see PointerProbe); 0 turns it off."""
 
 
 # ----------------------------------------------------------------------------------- data
@@ -237,7 +248,9 @@ def make_footage(seed: int, stage: Stage, config: TrainConfig) -> Footage:
     """One clip of a generated scene through the live front end, deterministic from `seed`."""
     rng = random.Random(seed)
     size = rng.choice(TRAIN_SIZES)
-    scene = generate_scene(seed, duration=round(rng.uniform(10, 60), 1), size=size)
+    # Mostly several objects: asked about one of them, the answer must depend on which.
+    objects = rng.choice(config.objects)
+    scene = generate_scene(seed, duration=round(rng.uniform(10, 60), 1), size=size, objects=objects)
     fps = rng.choice(stage.rates)
     length = rng.uniform(stage.min_seconds, stage.max_seconds)
     length = min(length, scene.duration - 1 / scene.fps, (stage.max_frames - 1) / fps)
@@ -323,6 +336,16 @@ class Packed:
     patches: torch.Tensor
     frame_last: torch.Tensor
     """(T,) position of each frame's last visual token."""
+    pointer_queries: torch.Tensor
+    """(P,) positions predicting an answer token that comes from one frame (see pointer_targets)."""
+    pointer_frames: torch.Tensor
+    """(P,) that frame's index."""
+    block_starts: torch.Tensor
+    """(B,) where each question block starts, in question order."""
+    object_rows: torch.Tensor
+    """(Q,) positions predicting the answer tokens of questions about one object."""
+    object_labels: torch.Tensor
+    """(Q,) that object's vocabulary index (see QuestionProbe)."""
 
 
 def pack(clip: Clip, tokenizer, prompt: PromptFormat, video_token_id: int, eos_id: int) -> Packed:
@@ -346,10 +369,26 @@ def pack(clip: Clip, tokenizer, prompt: PromptFormat, video_token_id: int, eos_i
         pending = ""
     video = len(ids)
     blocks = []
+    frame_of = {qa_mod.label(t): i for i, t in enumerate(clip.times)}
+    pointer_queries: list[int] = []
+    pointer_frames: list[int] = []
+    object_rows: list[int] = []
+    object_labels: list[int] = []
+    block_starts: list[int] = []
+    start = video
     for q in clip.questions:
+        block_starts.append(start)
         question = tokenize(pending + prompt.question_text(q.question))
         answer = [*tokenize(q.answer), eos_id]
         blocks.append((question, answer))
+        for j, frame in pointer_targets(q, answer, tokenizer, frame_of, len(clip.times) - 1):
+            pointer_queries.append(start + len(question) + j - 1)
+            pointer_frames.append(frame)
+        if q.target is not None:
+            first = start + len(question) - 1
+            object_rows.extend(range(first, first + len(answer)))
+            object_labels.extend([VOCABULARY_INDEX[q.target]] * len(answer))
+        start += len(question) + len(answer)
     total = video + sum(len(a) + len(b) for a, b in blocks)
     mask = torch.zeros(total, total, dtype=torch.bool)
     mask[:video, :video] = torch.ones(video, video, dtype=torch.bool).tril()
@@ -375,7 +414,43 @@ def pack(clip: Clip, tokenizer, prompt: PromptFormat, video_token_id: int, eos_i
         kept=pruned.keep,
         patches=pruned.patches,
         frame_last=torch.tensor(frame_last),
+        pointer_queries=torch.tensor(pointer_queries, dtype=torch.long),
+        pointer_frames=torch.tensor(pointer_frames, dtype=torch.long),
+        block_starts=torch.tensor(block_starts, dtype=torch.long),
+        object_rows=torch.tensor(object_rows, dtype=torch.long),
+        object_labels=torch.tensor(object_labels, dtype=torch.long),
     )
+
+
+_TIME = re.compile(r"\d+\.\d(?=s)")
+
+
+def pointer_targets(
+    q: QA, answer: Sequence[int], tokenizer, frame_of: dict[str, int], last: int
+) -> list[tuple[int, int]]:
+    """(answer token index, frame index) for each answer token that one frame decides.
+
+    A grounding answer's time tokens are copies of one frame's `Time ...s:` label (its digits and
+    point); a yes/no or scene answer about a moment is decided by the frame at that moment (the
+    newest frame for "now"). See PointerProbe.
+    """
+    if q.kind in (Kind.NOW, Kind.SCENE):
+        return [(0, last)]
+    if q.kind in (Kind.AT, Kind.SCENE_AT):
+        frame = frame_of.get(qa_mod.label(q.moment)) if q.moment is not None else None
+        return [] if frame is None else [(0, frame)]
+    pieces = [tokenizer.decode([i]) for i in answer]
+    ends = list(np.cumsum([len(x) for x in pieces]))
+    out = []
+    for match in _TIME.finditer("".join(pieces)):
+        frame = frame_of.get(match.group())
+        if frame is None:
+            continue
+        for j, end in enumerate(ends):
+            begin = end - len(pieces[j])
+            if match.start() <= begin and end <= match.end():
+                out.append((j, frame))
+    return out
 
 
 class WordProbe(torch.nn.Module):
@@ -450,6 +525,87 @@ class FrameProbe(torch.nn.Module):
         return digit_loss + presence
 
 
+class QuestionProbe(torch.nn.Module):
+    """Deep supervision of the asked object where the answer is made: at every position that
+    predicts an answer token of a question about one object, the input of the layer whose head
+    PointerProbe supervises must name that object (its colour and its shape, read linearly).
+
+    The pointer head can only find the frames showing *that* object if its query carries the
+    object; without this, answers follow the scene's events whatever object is asked about
+    (docs/benchmarks.md). Not part of the saved model.
+    """
+
+    def __init__(self, hidden: int, layer: int) -> None:
+        super().__init__()
+        from livelens.model.scenes import COLOURS, SHAPES
+
+        self.layer = layer
+        colours, shapes = list(COLOURS), list(SHAPES)
+        self.colour = torch.nn.Linear(hidden, len(colours))
+        self.shape = torch.nn.Linear(hidden, len(shapes))
+        table = [(colours.index(n.split()[0]), shapes.index(n.split()[1])) for n in VOCABULARY]
+        self.register_buffer("table", torch.tensor(table), persistent=False)
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        parts = self.table[labels]
+        colour = F.cross_entropy(self.colour(hidden), parts[:, 0])
+        return (colour + F.cross_entropy(self.shape(hidden), parts[:, 1])) / 2
+
+
+class PointerProbe:
+    """Supervises where one attention head of one LLM layer looks: from each position predicting
+    an answer token that one frame decides (pointer_targets), at that frame's last visual token.
+
+    A grounding answer is a copy of the labels of the frames that show the object; learning to
+    find those frames only through the copied digits is slow (the answers stay on their priors,
+    docs/benchmarks.md). This names the frame directly, as a cross-entropy over every position
+    the head may attend. Nothing is added to the model: it reads the layer's own projections.
+    """
+
+    def __init__(self, model, layer: int, head: int = 0) -> None:
+        self.attention = model.model.language_model.layers[layer].self_attn
+        self.head = head
+        self.captured: dict = {}
+        self.last = 0.0
+        self._hook = self.attention.register_forward_pre_hook(self._capture, with_kwargs=True)
+
+    def remove(self) -> None:
+        """Stop capturing the layer's input."""
+        self._hook.remove()
+        self.captured = {}
+
+    def _capture(self, module, args, kwargs) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self.captured = {"hidden": hidden, "rope": kwargs.get("position_embeddings")}
+
+    def loss(self, packed: Packed) -> torch.Tensor:
+        """Mean -log attention weight on the target frames' last visual tokens."""
+        keys = packed.frame_last[packed.pointer_frames]
+        loss = F.cross_entropy(self._logits(packed).float(), keys)
+        self.last = loss.item()
+        return loss
+
+    def attention_weights(self, packed: Packed) -> torch.Tensor:
+        """(P, L) the head's attention from each pointer query over the sequence."""
+        return self._logits(packed).float().softmax(-1)
+
+    def _logits(self, packed: Packed) -> torch.Tensor:
+        from transformers.models.qwen2.modeling_qwen2 import rotate_half
+
+        attention = self.attention
+        hidden = self.captured["hidden"][0]
+        cos, sin = (x[0] for x in self.captured["rope"])
+        dim = attention.head_dim
+        kv_head = self.head // attention.num_key_value_groups
+        rows = packed.pointer_queries
+        q = attention.q_proj(hidden[rows]).view(len(rows), -1, dim)[:, self.head]
+        k = attention.k_proj(hidden).view(hidden.shape[0], -1, dim)[:, kv_head]
+        q = q * cos[rows] + rotate_half(q) * sin[rows]
+        k = k * cos + rotate_half(k) * sin
+        logits = (q @ k.T) * attention.scaling
+        return logits.masked_fill(~packed.mask[0, 0, rows], float("-inf"))
+
+
 def clip_loss(
     model,
     packed: Packed,
@@ -460,6 +616,9 @@ def clip_loss(
     labels: np.ndarray | None = None,
     frame_probe: FrameProbe | None = None,
     clip: Clip | None = None,
+    pointer: PointerProbe | None = None,
+    pointer_weight: float = 0.0,
+    question_probe: QuestionProbe | None = None,
 ) -> torch.Tensor:
     """Mean next-token loss over the answers, through the real vision tower and LLM; plus, with
     `token_head`, the per-token object loss on the projected features (all tokens, kept or not).
@@ -483,7 +642,7 @@ def clip_loss(
         attention_mask=packed.mask,
         position_ids=packed.positions[None],
         use_cache=False,
-        output_hidden_states=frame_probe is not None,
+        output_hidden_states=frame_probe is not None or question_probe is not None,
     )
     hidden = out.last_hidden_state[0]
     where = packed.targets != -100
@@ -492,6 +651,11 @@ def clip_loss(
     if frame_probe is not None and clip is not None:
         middle = out.hidden_states[frame_probe.layer][0, packed.frame_last]
         aux = aux + frame_probe(middle, clip.times, clip.present)
+    if question_probe is not None and len(packed.object_rows):
+        asked = out.hidden_states[question_probe.layer][0, packed.object_rows]
+        aux = aux + question_probe(asked, packed.object_labels)
+    if pointer is not None and len(packed.pointer_queries):
+        aux = aux + pointer_weight * pointer.loss(packed)
     return loss if aux is None else (loss, aux)
 
 
@@ -592,7 +756,14 @@ def train(out: Path, config: TrainConfig, *, log_every: int = 25, eval_scenes: i
     total_steps = sum(s.steps for s in config.stages)
     token_head = WordProbe(tokenizer, model.get_input_embeddings())
     frame_probe = FrameProbe(config.text_hidden, layer=config.text_layers // 2)
-    params = [*model.parameters(), *token_head.parameters(), *frame_probe.parameters()]
+    pointer = PointerProbe(model, layer=config.text_layers - 1) if config.pointer_loss else None
+    question_probe = QuestionProbe(config.text_hidden, layer=config.text_layers - 1)
+    params = [
+        *model.parameters(),
+        *token_head.parameters(),
+        *frame_probe.parameters(),
+        *question_probe.parameters(),
+    ]
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98)
     )
@@ -624,11 +795,13 @@ def train(out: Path, config: TrainConfig, *, log_every: int = 25, eval_scenes: i
             clips = _clips(stage, config, seed0)
         window: list[float] = []
         token_window: list[float] = []
+        pointer_window: list[float] = []
         for _ in range(stage.steps):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             optimizer.zero_grad(set_to_none=True)
             losses, token_losses = [], []
+            pointer_losses: list[float] = []
             for _ in range(config.batch):
                 clip = next(clips)
                 packed = pack(clip, tokenizer, prompt, video_id, eos_id)
@@ -642,25 +815,33 @@ def train(out: Path, config: TrainConfig, *, log_every: int = 25, eval_scenes: i
                     clip.labels,
                     frame_probe,
                     clip,
+                    pointer,
+                    config.pointer_loss,
+                    question_probe,
                 )
                 ((loss + config.token_loss * aux) / config.batch).backward()
                 losses.append(loss.item())
                 token_losses.append(aux.item())
+                if pointer is not None:
+                    pointer_losses.append(pointer.last)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             step += 1
             window.append(sum(losses) / len(losses))
             token_window.append(sum(token_losses) / len(token_losses))
+            if pointer_losses:
+                pointer_window.append(sum(pointer_losses) / len(pointer_losses))
             if step % log_every == 0 or step == total_steps:
                 point = {
                     "step": step,
                     "stage": stage.name,
                     "loss": round(sum(window) / len(window), 4),
                     "token_loss": round(sum(token_window) / len(token_window), 4),
+                    "pointer_loss": round(sum(pointer_window) / max(1, len(pointer_window)), 4),
                     "minutes": round((time.monotonic() - started) / 60, 2),
                 }
                 curve.append(point)
-                window, token_window = [], []
+                window, token_window, pointer_window = [], [], []
                 logger.info("%s", point)
         if eval_scenes:
             t0 = time.monotonic()

@@ -86,22 +86,27 @@ def test_packed_clip_is_the_live_session_token_sequence(built, threshold: float)
     assert packed.positions[len(video)] == len(video)
 
 
+def _embeds(model, clip, packed, video_id: int) -> torch.Tensor:
+    """The packed sequence's input embeddings: kept visual features in the video slots."""
+    gh, gw = clip.grid.patches_h, clip.grid.patches_w
+    feats = model.model.get_video_features(
+        pixel_values_videos=packed.patches,
+        video_grid_thw=torch.tensor([[len(clip.times), gh, gw]]),
+        video_merge_sizes=torch.tensor([2]),
+        return_dict=True,
+    ).pooler_output[0][packed.kept.reshape(-1)]
+    embeds = model.get_input_embeddings()(packed.ids)
+    return embeds.masked_scatter((packed.ids == video_id)[:, None], feats)
+
+
 def test_packed_logits_are_the_live_session_logits(built) -> None:
     """Every question block predicts its first answer token exactly as the session would."""
     tokenizer, model, prompt = built
     video_id, eos_id = _ids(tokenizer, model)
     clip = make_clip(23, SMALL.stages[1], SMALL)
     packed = pack(clip, tokenizer, prompt, video_id, eos_id)
-    gh, gw = clip.grid.patches_h, clip.grid.patches_w
     with torch.no_grad():
-        feats = model.model.get_video_features(
-            pixel_values_videos=packed.patches,
-            video_grid_thw=torch.tensor([[len(clip.times), gh, gw]]),
-            video_merge_sizes=torch.tensor([2]),
-            return_dict=True,
-        ).pooler_output[0][packed.kept.reshape(-1)]
-        embeds = model.get_input_embeddings()(packed.ids)
-        embeds = embeds.masked_scatter((packed.ids == video_id)[:, None], feats)
+        embeds = _embeds(model, clip, packed, video_id)
         hidden = model.model.language_model(
             inputs_embeds=embeds[None],
             attention_mask=packed.mask,
@@ -216,3 +221,87 @@ def test_balanced_questions_answer_yes_half_the_time() -> None:
     rng = random.Random(0)
     answers = [qa.answer for _ in range(40) for qa in balanced_questions(maker, rng, 4, (Kind.AT,))]
     assert 0.3 < answers.count("Yes.") / len(answers) < 0.7
+
+
+def test_pointer_targets_name_the_frame_each_answer_token_copies(built) -> None:
+    """Each digit and point of a grounding answer's times points at the frame with that label;
+    a moment's yes/no or scene answer at that moment's frame; "now" at the newest frame."""
+    from livelens.model.qa import QA
+    from livelens.model.scenes import Interval
+    from livelens.model.training import pointer_targets
+
+    tokenizer, _, _ = built
+    times = [0.0, 0.5, 1.0, 1.5, 12.0, 12.5]
+    frame_of = {f"{t:.1f}": i for i, t in enumerate(times)}
+
+    def pieces(answer: str) -> list[tuple[str, int]]:
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        qa = QA(Kind.WHEN, "When is the red ball visible?", answer, "red ball", (Interval(0, 1),))
+        return [
+            (tokenizer.decode([ids[j]]), f)
+            for j, f in pointer_targets(qa, ids, tokenizer, frame_of, 5)
+        ]
+
+    assert pieces("From 0.5s to 12.0s.") == [
+        ("0", 1), (".", 1), ("5", 1), ("1", 4), ("2", 4), (".", 4), ("0", 4),
+    ]  # fmt: skip
+    assert pieces("There is no red ball in the video.") == []
+    at = QA(Kind.AT, "Is there a red ball at 1.5s?", "Yes.", "red ball", moment=1.5)
+    now = QA(Kind.NOW, "Is a red ball visible now?", "No.", "red ball", moment=12.5)
+    for qa, frame in ((at, 3), (now, 5)):
+        ids = tokenizer(qa.answer, add_special_tokens=False)["input_ids"]
+        assert pointer_targets(qa, ids, tokenizer, frame_of, 5) == [(0, frame)]
+
+
+def test_pointer_loss_is_the_heads_own_attention(built) -> None:
+    """PointerProbe's loss equals -log of the attention weight transformers' eager attention
+    gives each target frame's last visual token, head 0 of the probed layer."""
+    from livelens.model.training import PointerProbe
+
+    tokenizer, model, prompt = built
+    video_id, eos_id = _ids(tokenizer, model)
+    clip = make_clip(29, SMALL.stages[1], SMALL)
+    packed = pack(clip, tokenizer, prompt, video_id, eos_id)
+    assert len(packed.pointer_queries) >= 1
+    probe = PointerProbe(model, layer=0)
+    with torch.no_grad():
+        embeds = _embeds(model, clip, packed, video_id)
+        language = model.model.language_model
+        language.config._attn_implementation = "eager"
+        try:
+            out = language(
+                inputs_embeds=embeds[None],
+                attention_mask=torch.where(packed.mask, 0.0, float("-inf")),
+                position_ids=packed.positions[None],
+                use_cache=False,
+                output_attentions=True,
+            )
+        finally:
+            language.config._attn_implementation = "sdpa"
+        loss = probe.loss(packed)
+    probe.remove()
+    weights = out.attentions[0][0, 0]  # layer 0, head 0: (L, L)
+    keys = packed.frame_last[packed.pointer_frames]
+    expected = -weights[packed.pointer_queries, keys].log().mean()
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_object_rows_are_the_answers_of_questions_about_one_object(built) -> None:
+    """QuestionProbe reads the positions predicting each answer token (eos included) of a
+    question naming an object, labelled with that object; scene questions have none."""
+    from livelens.model.scenes import VOCABULARY
+
+    tokenizer, model, prompt = built
+    video_id, eos_id = _ids(tokenizer, model)
+    clip = make_clip(31, SMALL.stages[1], SMALL)
+    packed = pack(clip, tokenizer, prompt, video_id, eos_id)
+    expected_rows, expected_labels = [], []
+    ends = [*packed.block_starts.tolist()[1:], len(packed.ids)]
+    for q, end in zip(clip.questions, ends, strict=True):
+        answer = len(tokenizer(q.answer, add_special_tokens=False)["input_ids"]) + 1
+        if q.target is not None:
+            expected_rows += range(end - answer - 1, end - 1)
+            expected_labels += [VOCABULARY.index(q.target)] * answer
+    assert expected_rows and packed.object_rows.tolist() == expected_rows
+    assert packed.object_labels.tolist() == expected_labels
+    assert (packed.targets[packed.object_rows] != -100).all()

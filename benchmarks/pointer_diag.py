@@ -1,0 +1,150 @@
+"""Where a grounding checkpoint's errors are: finding the frame, or reading it (teacher-forced).
+
+For held-out generated scenes sampled as `evaluate()` samples them (1 fps from 0 s, the default
+DiffFP threshold), every object is asked WHEN, AT a random frame and NOW, and the true answers
+are fed in one packed forward (model/training.py's `pack`, the live session's token sequence).
+At every answer token that one frame decides (`pointer_targets`: the digits of a copied time
+label, the first token of a yes/no answer) it reports:
+
+- pointer exact: the attention head `PointerProbe` trains (head 0 of the last LLM layer) puts
+  the most attention, summed over each frame's tokens, on the right frame;
+- the model's own next-token prediction there, split by whether the pointer was right.
+
+A checkpoint trained without pointer supervision can be diagnosed too (the head then simply is
+whatever it learned). Ends with `when_pointer=... at_pointer=... now_pointer=...
+when_token_pointer_right=... when_first_digit=...`.
+
+    python benchmarks/pointer_diag.py --model DIR [--scenes 16] [--seed 1000000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import random
+import sys
+from collections import Counter
+from datetime import UTC, datetime
+
+import numpy as np
+import torch
+
+from livelens.model.loading import load_model
+from livelens.model.prompt import PromptFormat
+from livelens.model.qa import Kind, QuestionMaker
+from livelens.model.scenes import VOCABULARY, generate_scene
+from livelens.model.training import HELD_OUT_SEED, Clip, PointerProbe, camera_frames, pack
+from livelens.stream.grid import choose_grid, resize_to_grid
+from livelens.stream.sampler import FpsSampler
+
+KINDS = (Kind.WHEN, Kind.AT, Kind.NOW)
+
+
+def scene_clip(seed: int, tokens_per_frame: int) -> Clip:
+    """evaluate()'s held-out scene for `seed`, with WHEN, AT and NOW about every object."""
+    rng = random.Random(seed)
+    scene = generate_scene(seed, duration=round(rng.uniform(10, 60), 1))
+    sampler = FpsSampler(1.0)
+    times = [t for t in scene.frame_times() if sampler.offer(t)]
+    grid = choose_grid(scene.height, scene.width, tokens_per_frame=tokens_per_frame)
+    frames = np.stack([resize_to_grid(f, grid) for f in camera_frames(scene, times, crf=23)])
+    maker = QuestionMaker(scene, times)
+    names = [o.name for o in scene.objects]
+    questions = [maker.when(n) for n in names]
+    questions += [maker.at(n, rng.choice(times)) for n in names]
+    questions += [maker.now(n) for n in names]
+    unused = np.zeros((len(times), 1), np.int64)
+    present = np.zeros((len(times), len(VOCABULARY)), np.float32)
+    return Clip(frames, times, questions, 0.1, grid, unused, present)
+
+
+@torch.no_grad()
+def diagnose(loaded, clip: Clip, counts: Counter) -> None:
+    model, tokenizer = loaded.model, loaded.tokenizer
+    video_id = int(model.config.video_token_id)
+    eos_id = int(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    prompt = PromptFormat.from_tokenizer(tokenizer, video_id)
+    packed = pack(clip, tokenizer, prompt, video_id, eos_id)
+    probe = PointerProbe(model, layer=model.config.text_config.num_hidden_layers - 1)
+    try:
+        gh, gw = clip.grid.patches_h, clip.grid.patches_w
+        feats = model.model.get_video_features(
+            pixel_values_videos=packed.patches,
+            video_grid_thw=torch.tensor([[len(clip.times), gh, gw]]),
+            video_merge_sizes=torch.tensor([2]),
+            return_dict=True,
+        ).pooler_output[0][packed.kept.reshape(-1)]
+        embeds = model.get_input_embeddings()(packed.ids)
+        embeds = embeds.masked_scatter((packed.ids == video_id)[:, None], feats)
+        hidden = model.model.language_model(
+            inputs_embeds=embeds[None],
+            attention_mask=packed.mask,
+            position_ids=packed.positions[None],
+            use_cache=False,
+        ).last_hidden_state[0]
+        rows = packed.pointer_queries
+        predicted = model.lm_head(hidden[rows]).argmax(-1)
+        weights = probe.attention_weights(packed)
+    finally:
+        probe.remove()
+    # Attention summed per frame: a frame's label and visual tokens up to its last one.
+    bounds = [0, *(packed.frame_last + 1).tolist()]
+    per_frame = torch.stack([weights[:, a:b].sum(-1) for a, b in itertools.pairwise(bounds)], dim=1)
+    right_frame = (per_frame.argmax(-1) == packed.pointer_frames).tolist()
+    right_token = (predicted == packed.targets[rows]).tolist()
+    starts = packed.block_starts.tolist()
+    seen: set[int] = set()
+    for row, point, token in zip(rows.tolist(), right_frame, right_token, strict=True):
+        block = max(i for i, start in enumerate(starts) if start <= row)
+        kind = clip.questions[block].kind
+        counts[(kind, "n")] += 1
+        counts[(kind, "pointer")] += point
+        counts[(kind, "token_n", point)] += 1
+        counts[(kind, "token", point)] += token
+        if block not in seen:  # the question's first pointed token
+            seen.add(block)
+            counts[(kind, "first_n")] += 1
+            counts[(kind, "first")] += token
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="checkpoint (a path or a model spec)")
+    parser.add_argument("--scenes", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
+    parser.add_argument("--tokens-per-frame", type=int, help="default: the checkpoint's own")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    loaded = load_model(args.model, device="cpu")
+    tokens = args.tokens_per_frame or loaded.tokens_per_frame or 24
+    counts: Counter = Counter()
+    for k in range(args.scenes):
+        diagnose(loaded, scene_clip(args.seed + k, tokens), counts)
+
+    def share(a, b) -> float:
+        return counts[a] / counts[b] if counts[b] else float("nan")
+
+    print(f"# {args.model}: {args.scenes} scenes from seed {args.seed}, {datetime.now(UTC):%F}")
+    print("| kind | pointed tokens | pointer exact | token, pointer right | token, pointer wrong "
+          "| first pointed token |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|")
+    for kind in KINDS:
+        print(
+            f"| {kind.value} | {counts[(kind, 'n')]} | {share((kind, 'pointer'), (kind, 'n')):.2f}"
+            f" | {share((kind, 'token', True), (kind, 'token_n', True)):.2f}"
+            f" | {share((kind, 'token', False), (kind, 'token_n', False)):.2f}"
+            f" | {share((kind, 'first'), (kind, 'first_n')):.2f} |"
+        )
+    w, a, n = Kind.WHEN, Kind.AT, Kind.NOW
+    print(
+        f"when_pointer={share((w, 'pointer'), (w, 'n')):.3f} "
+        f"at_pointer={share((a, 'pointer'), (a, 'n')):.3f} "
+        f"now_pointer={share((n, 'pointer'), (n, 'n')):.3f} "
+        f"when_token_pointer_right={share((w, 'token', True), (w, 'token_n', True)):.3f} "
+        f"when_first_digit={share((w, 'first'), (w, 'first_n')):.3f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
