@@ -33,7 +33,15 @@ from livelens.model.loading import load_model
 from livelens.model.prompt import PromptFormat
 from livelens.model.qa import Kind, QuestionMaker
 from livelens.model.scenes import VOCABULARY, generate_scene
-from livelens.model.training import HELD_OUT_SEED, Clip, PointerProbe, camera_frames, pack
+from livelens.model.training import (
+    HELD_OUT_SEED,
+    Clip,
+    PointerProbe,
+    camera_frames,
+    clip_features,
+    pack,
+    packed_embeds,
+)
 from livelens.stream.grid import choose_grid, resize_to_grid
 from livelens.stream.sampler import FpsSampler
 
@@ -67,15 +75,8 @@ def diagnose(loaded, clip: Clip, counts: Counter) -> None:
     packed = pack(clip, tokenizer, prompt, video_id, eos_id)
     probe = PointerProbe(model, layer=model.config.text_config.num_hidden_layers - 1)
     try:
-        gh, gw = clip.grid.patches_h, clip.grid.patches_w
-        feats = model.model.get_video_features(
-            pixel_values_videos=packed.patches,
-            video_grid_thw=torch.tensor([[len(clip.times), gh, gw]]),
-            video_merge_sizes=torch.tensor([2]),
-            return_dict=True,
-        ).pooler_output[0][packed.kept.reshape(-1)]
-        embeds = model.get_input_embeddings()(packed.ids)
-        embeds = embeds.masked_scatter((packed.ids == video_id)[:, None], feats)
+        feats = clip_features(model, packed, clip.grid, len(clip.times))
+        embeds = packed_embeds(model, packed, feats, video_id)
         hidden = model.model.language_model(
             inputs_embeds=embeds[None],
             attention_mask=packed.mask,

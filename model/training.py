@@ -606,6 +606,23 @@ class PointerProbe:
         return logits.masked_fill(~packed.mask[0, 0, rows], float("-inf"))
 
 
+def clip_features(model, packed: Packed, grid: Grid, frames: int) -> torch.Tensor:
+    """ONE vision pass over the clip: every merged token's projected features, kept or not."""
+    return model.model.get_video_features(
+        pixel_values_videos=packed.patches,
+        video_grid_thw=torch.tensor([[frames, grid.patches_h, grid.patches_w]]),
+        video_merge_sizes=torch.tensor([2]),
+        return_dict=True,
+    ).pooler_output[0]
+
+
+def packed_embeds(model, packed: Packed, feats: torch.Tensor, video_token_id: int) -> torch.Tensor:
+    """The packed sequence's input embeddings: the kept tokens' features in the video slots."""
+    embeds = model.get_input_embeddings()(packed.ids)
+    kept = feats[packed.kept.reshape(-1)].to(embeds.dtype)
+    return embeds.masked_scatter((packed.ids == video_token_id)[:, None], kept)
+
+
 def clip_loss(
     model,
     packed: Packed,
@@ -623,20 +640,11 @@ def clip_loss(
     """Mean next-token loss over the answers, through the real vision tower and LLM; plus, with
     `token_head`, the per-token object loss on the projected features (all tokens, kept or not).
     """
-    gh, gw = grid.patches_h, grid.patches_w
-    feats = model.model.get_video_features(
-        pixel_values_videos=packed.patches,
-        video_grid_thw=torch.tensor([[frames, gh, gw]]),
-        video_merge_sizes=torch.tensor([2]),
-        return_dict=True,
-    ).pooler_output[0]
+    feats = clip_features(model, packed, grid, frames)
     aux = None
     if token_head is not None and labels is not None:
         aux = token_head(feats, torch.from_numpy(labels).reshape(-1))
-    feats = feats[packed.kept.reshape(-1)]
-    embeds = model.get_input_embeddings()(packed.ids)
-    slots = packed.ids == video_token_id
-    embeds = embeds.masked_scatter(slots[:, None], feats.to(embeds.dtype))
+    embeds = packed_embeds(model, packed, feats, video_token_id)
     out = model.model.language_model(
         inputs_embeds=embeds[None],
         attention_mask=packed.mask,

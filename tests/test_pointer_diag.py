@@ -28,6 +28,7 @@ def test_diagnosis_counts_every_pointed_token(model_cache, monkeypatch, capsys) 
     assert rows["at"].split("|")[2].strip() == str(objects)
     assert rows["now"].split("|")[2].strip() == str(objects)
     times = sum(len(re.findall(r"\d+\.\d", q.answer)) for q in clip.questions[:objects])
+    assert objects >= 1 and times >= 2  # the scene's objects are there: each WHEN has 2 times
     assert int(rows["when"].split("|")[2]) >= 3 * times
     summary = lines[-1]
     assert re.fullmatch(

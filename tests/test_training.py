@@ -20,11 +20,13 @@ from livelens.model.training import (
     TrainConfig,
     balanced_questions,
     build_model,
+    clip_features,
     clip_loss,
     make_clip,
     make_footage,
     make_pool,
     pack,
+    packed_embeds,
     train,
 )
 
@@ -88,15 +90,8 @@ def test_packed_clip_is_the_live_session_token_sequence(built, threshold: float)
 
 def _embeds(model, clip, packed, video_id: int) -> torch.Tensor:
     """The packed sequence's input embeddings: kept visual features in the video slots."""
-    gh, gw = clip.grid.patches_h, clip.grid.patches_w
-    feats = model.model.get_video_features(
-        pixel_values_videos=packed.patches,
-        video_grid_thw=torch.tensor([[len(clip.times), gh, gw]]),
-        video_merge_sizes=torch.tensor([2]),
-        return_dict=True,
-    ).pooler_output[0][packed.kept.reshape(-1)]
-    embeds = model.get_input_embeddings()(packed.ids)
-    return embeds.masked_scatter((packed.ids == video_id)[:, None], feats)
+    feats = clip_features(model, packed, clip.grid, len(clip.times))
+    return packed_embeds(model, packed, feats, video_id)
 
 
 def test_packed_logits_are_the_live_session_logits(built) -> None:
