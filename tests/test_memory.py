@@ -163,3 +163,25 @@ def test_the_service_answers_over_memory(tiny_model, tmp_path, redis_server) -> 
         assert window["recalled"] == []
         history = client.get(f"/v1/sessions/{sid}/history", headers=auth).json()["entries"]
         assert [h["recalled"] for h in history] == [recalled["recalled"], []]
+
+
+def test_recall_scores_rank_the_frame_showing_the_asked_thing_over_a_mean_look_alike():
+    """A frame with one token on the asked word outranks a frame whose tokens all lean a little
+    toward it (the higher mean cosine); groups of frames are scored as one frame at a time."""
+    from livelens.model.engine import recall_scores
+
+    generator = torch.Generator().manual_seed(0)
+    words = torch.eye(16)[:2] * 3.0  # "red", "ball"
+    background = torch.zeros(12, 16)
+    background[:, 8:] = torch.randn(12, 8, generator=generator)
+    shows = background.clone()
+    shows[5] = words[0] + words[1]  # one token: a red ball
+    leans = background + 0.4 * (words[0] + words[1]) / 3.0  # every token a little red and round
+    mean = [torch.nn.functional.normalize(f.mean(0), dim=0) for f in (shows, leans)]
+    query = torch.nn.functional.normalize(words.mean(0), dim=0)
+    assert float(mean[1] @ query) > float(mean[0] @ query)  # the mean rule picks the wrong one
+    scores = recall_scores([background, shows, leans], words)
+    assert scores.argmax().item() == 1
+    many = [torch.randn(int(n), 16, generator=generator) for n in torch.randint(1, 40, (600,))]
+    alone = torch.stack([recall_scores([f], words)[0] for f in many])
+    torch.testing.assert_close(recall_scores(many, words), alone)
