@@ -7,14 +7,17 @@ At every answer token that one frame decides (`pointer_targets`: the digits of a
 label, the first token of a yes/no answer) it reports:
 
 - pointer exact: the attention head `PointerProbe` trains (head 0 of the last LLM layer) puts
-  the most attention, summed over each frame's tokens, on the right frame;
+  the most attention, summed over each frame's tokens, on the right frame (for the end of a
+  stay, the first frame without the object: see `pointer_targets`);
 - the model's own next-token prediction there, split by whether the pointer was right.
 
-A checkpoint trained without pointer supervision can be diagnosed too (the head then simply is
-whatever it learned). Ends with `when_pointer=... at_pointer=... now_pointer=...
-when_token_pointer_right=... when_first_digit=...`.
+WHEN is reported whole and split into the starts and the ends of stays.
 
-    python benchmarks/pointer_diag.py --model DIR [--scenes 16] [--seed 1000000000]
+A checkpoint trained without pointer supervision can be diagnosed too (the head then simply is
+whatever it learned). Ends with `when_pointer=... when_start_pointer=... when_end_pointer=...
+at_pointer=... now_pointer=... when_token_pointer_right=... when_first_digit=...`.
+
+    python benchmarks/pointer_diag.py --model DIR [--scenes 16] [--seed 1000000000] [--shift 0]
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 
 from livelens.model.loading import load_model
 from livelens.model.prompt import PromptFormat
-from livelens.model.qa import Kind, QuestionMaker
+from livelens.model.qa import QuestionMaker
 from livelens.model.scenes import VOCABULARY, generate_scene
 from livelens.model.training import (
     HELD_OUT_SEED,
@@ -45,18 +48,20 @@ from livelens.model.training import (
 from livelens.stream.grid import choose_grid, resize_to_grid
 from livelens.stream.sampler import FpsSampler
 
-KINDS = (Kind.WHEN, Kind.AT, Kind.NOW)
+ROWS = ("when", "when start", "when end", "at", "now")
 
 
-def scene_clip(seed: int, tokens_per_frame: int) -> Clip:
-    """evaluate()'s held-out scene for `seed`, with WHEN, AT and NOW about every object."""
+def scene_clip(seed: int, tokens_per_frame: int, shift: float = 0.0) -> Clip:
+    """evaluate()'s held-out scene for `seed`, with WHEN, AT and NOW about every object; with
+    `shift`, its media time starts at `shift` s (as if the stream had run that long)."""
     rng = random.Random(seed)
     scene = generate_scene(seed, duration=round(rng.uniform(10, 60), 1))
     sampler = FpsSampler(1.0)
     times = [t for t in scene.frame_times() if sampler.offer(t)]
     grid = choose_grid(scene.height, scene.width, tokens_per_frame=tokens_per_frame)
     frames = np.stack([resize_to_grid(f, grid) for f in camera_frames(scene, times, crf=23)])
-    maker = QuestionMaker(scene, times)
+    times = [t + shift for t in times]
+    maker = QuestionMaker(scene, times, offset=-shift)
     names = [o.name for o in scene.objects]
     questions = [maker.when(n) for n in names]
     questions += [maker.at(n, rng.choice(times)) for n in names]
@@ -95,13 +100,17 @@ def diagnose(loaded, clip: Clip, counts: Counter) -> None:
     right_token = (predicted == packed.targets[rows]).tolist()
     starts = packed.block_starts.tolist()
     seen: set[int] = set()
-    for row, point, token in zip(rows.tolist(), right_frame, right_token, strict=True):
+    ends = packed.pointer_ends.tolist()
+    for row, point, token, end in zip(rows.tolist(), right_frame, right_token, ends, strict=True):
         block = max(i for i, start in enumerate(starts) if start <= row)
-        kind = clip.questions[block].kind
-        counts[(kind, "n")] += 1
-        counts[(kind, "pointer")] += point
-        counts[(kind, "token_n", point)] += 1
-        counts[(kind, "token", point)] += token
+        kind = clip.questions[block].kind.value
+        # WHEN's rows: all its times, then the starts and the ends of stays apart.
+        names = [kind, f"{kind} {'end' if end else 'start'}"] if kind == "when" else [kind]
+        for name in names:
+            counts[(name, "n")] += 1
+            counts[(name, "pointer")] += point
+            counts[(name, "token_n", point)] += 1
+            counts[(name, "token", point)] += token
         if block not in seen:  # the question's first pointed token
             seen.add(block)
             counts[(kind, "first_n")] += 1
@@ -114,31 +123,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenes", type=int, default=16)
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     parser.add_argument("--tokens-per-frame", type=int, help="default: the checkpoint's own")
+    parser.add_argument(
+        "--shift", type=float, default=0.0, help="media time of each scene's first frame (s)"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     loaded = load_model(args.model, device="cpu")
     tokens = args.tokens_per_frame or loaded.tokens_per_frame or 24
     counts: Counter = Counter()
     for k in range(args.scenes):
-        diagnose(loaded, scene_clip(args.seed + k, tokens), counts)
+        diagnose(loaded, scene_clip(args.seed + k, tokens, args.shift), counts)
 
     def share(a, b) -> float:
         return counts[a] / counts[b] if counts[b] else float("nan")
 
-    print(f"# {args.model}: {args.scenes} scenes from seed {args.seed}, {datetime.now(UTC):%F}")
+    print(
+        f"# {args.model}: {args.scenes} scenes from seed {args.seed}, first frame at "
+        f"{args.shift:g} s, {datetime.now(UTC):%F}"
+    )
     print("| kind | pointed tokens | pointer exact | token, pointer right | token, pointer wrong "
           "| first pointed token |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|")
-    for kind in KINDS:
+    for row in ROWS:
+        first = share((row, "first"), (row, "first_n")) if " " not in row else float("nan")
         print(
-            f"| {kind.value} | {counts[(kind, 'n')]} | {share((kind, 'pointer'), (kind, 'n')):.2f}"
-            f" | {share((kind, 'token', True), (kind, 'token_n', True)):.2f}"
-            f" | {share((kind, 'token', False), (kind, 'token_n', False)):.2f}"
-            f" | {share((kind, 'first'), (kind, 'first_n')):.2f} |"
+            f"| {row} | {counts[(row, 'n')]} | {share((row, 'pointer'), (row, 'n')):.2f}"
+            f" | {share((row, 'token', True), (row, 'token_n', True)):.2f}"
+            f" | {share((row, 'token', False), (row, 'token_n', False)):.2f}"
+            f" | {first:.2f} |"
         )
-    w, a, n = Kind.WHEN, Kind.AT, Kind.NOW
+    w, a, n = "when", "at", "now"
+    s, e = "when start", "when end"
     print(
         f"when_pointer={share((w, 'pointer'), (w, 'n')):.3f} "
+        f"when_start_pointer={share((s, 'pointer'), (s, 'n')):.3f} "
+        f"when_end_pointer={share((e, 'pointer'), (e, 'n')):.3f} "
         f"at_pointer={share((a, 'pointer'), (a, 'n')):.3f} "
         f"now_pointer={share((n, 'pointer'), (n, 'n')):.3f} "
         f"when_token_pointer_right={share((w, 'token', True), (w, 'token_n', True)):.3f} "

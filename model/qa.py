@@ -141,13 +141,15 @@ class QuestionMaker:
         return [self._visible(name, t) for t in self.times]
 
     def _truth(self, name: str) -> tuple[Interval, ...]:
-        """Visible intervals in media time, clipped to [0, newest frame]."""
+        """Visible intervals in media time, clipped to [first frame, newest frame]."""
         obj = self.scene.object(name)
         if obj is None:
             return ()
-        end = self.times[-1]
+        first, end = self.times[0], self.times[-1]
         spans = ((v.start - self.offset, v.end - self.offset) for v in obj.visible)
-        return tuple(Interval(max(a, 0.0), min(b, end)) for a, b in spans if a <= end and b >= 0)
+        return tuple(
+            Interval(max(a, first), min(b, end)) for a, b in spans if a <= end and b >= first
+        )
 
     def when(self, name: str, template: str = _WHEN[0]) -> QA:
         spans = frame_spans(self.times, self.seen(name))

@@ -127,7 +127,7 @@ class TrainConfig:
             Stage("frames", 400, 0.0, 0.0, (1.0,), _FRAMES, 8, clips=1000, balanced=True),
             Stage("moments", 300, 2.0, 8.0, (1.0, 2.0), _MOMENTS, 12, 8, 500, balanced=True),
             Stage("short", 600, 4.0, 16.0, (1.0, 2.0), _MIX, 12, 16, 400, balanced=True),
-            Stage("long", 1700, 8.0, 64.0, (0.5, 1.0, 2.0), _MIX, 12, 64, 1200, balanced=True),
+            Stage("long", 1700, 8.0, 64.0, (0.5, 1.0, 2.0), _MIX, 12, 64, 1600, balanced=True),
         )
     )
     token_loss: float = 0.5
@@ -146,6 +146,10 @@ class TrainConfig:
     pointer_loss: float = 1.0
     """Weight (before token_loss's) of the attention supervision of the last layer's first head
     (see PointerProbe); 0 turns it off."""
+    shift_share: float = 0.2
+    """Share of clips whose media time starts later than 0 (a live stream's labels keep growing:
+    `Time 3605.0s:` an hour in), by up to `shift_max` seconds."""
+    shift_max: float = 3600.0
 
 
 # ----------------------------------------------------------------------------------- data
@@ -273,6 +277,10 @@ def make_footage(seed: int, stage: Stage, config: TrainConfig) -> Footage:
         for obj in scene.visible_at(offset + t):
             present[i, VOCABULARY_INDEX[obj.name]] = 1.0
     threshold = rng.choice(config.thresholds)
+    if config.shift_share and rng.random() < config.shift_share:
+        # Later media time, same scene time: the labels change, the frames and truth do not.
+        shift = round(rng.uniform(0, config.shift_max), 1)
+        times, offset = [t + shift for t in times], offset - shift
     truth = replace(scene, _background=np.zeros((0, 0, 3), np.uint8), _noise_cache={})
     return Footage(frames, times, offset, truth, threshold, grid, labels, present)
 
@@ -340,6 +348,8 @@ class Packed:
     """(P,) positions predicting an answer token that comes from one frame (see pointer_targets)."""
     pointer_frames: torch.Tensor
     """(P,) that frame's index."""
+    pointer_ends: torch.Tensor
+    """(P,) bool: the token is part of the end time of a stay (see pointer_targets)."""
     block_starts: torch.Tensor
     """(B,) where each question block starts, in question order."""
     object_rows: torch.Tensor
@@ -372,6 +382,7 @@ def pack(clip: Clip, tokenizer, prompt: PromptFormat, video_token_id: int, eos_i
     frame_of = {qa_mod.label(t): i for i, t in enumerate(clip.times)}
     pointer_queries: list[int] = []
     pointer_frames: list[int] = []
+    pointer_ends: list[bool] = []
     object_rows: list[int] = []
     object_labels: list[int] = []
     block_starts: list[int] = []
@@ -381,9 +392,10 @@ def pack(clip: Clip, tokenizer, prompt: PromptFormat, video_token_id: int, eos_i
         question = tokenize(pending + prompt.question_text(q.question))
         answer = [*tokenize(q.answer), eos_id]
         blocks.append((question, answer))
-        for j, frame in pointer_targets(q, answer, tokenizer, frame_of, len(clip.times) - 1):
+        for j, frame, end in pointer_targets(q, answer, tokenizer, frame_of, len(clip.times) - 1):
             pointer_queries.append(start + len(question) + j - 1)
             pointer_frames.append(frame)
+            pointer_ends.append(end)
         if q.target is not None:
             first = start + len(question) - 1
             object_rows.extend(range(first, first + len(answer)))
@@ -416,6 +428,7 @@ def pack(clip: Clip, tokenizer, prompt: PromptFormat, video_token_id: int, eos_i
         frame_last=torch.tensor(frame_last),
         pointer_queries=torch.tensor(pointer_queries, dtype=torch.long),
         pointer_frames=torch.tensor(pointer_frames, dtype=torch.long),
+        pointer_ends=torch.tensor(pointer_ends, dtype=torch.bool),
         block_starts=torch.tensor(block_starts, dtype=torch.long),
         object_rows=torch.tensor(object_rows, dtype=torch.long),
         object_labels=torch.tensor(object_labels, dtype=torch.long),
@@ -427,29 +440,37 @@ _TIME = re.compile(r"\d+\.\d(?=s)")
 
 def pointer_targets(
     q: QA, answer: Sequence[int], tokenizer, frame_of: dict[str, int], last: int
-) -> list[tuple[int, int]]:
-    """(answer token index, frame index) for each answer token that one frame decides.
+) -> list[tuple[int, int, bool]]:
+    """(answer token index, frame index, end) for each answer token that one frame decides.
 
-    A grounding answer's time tokens are copies of one frame's `Time ...s:` label (its digits and
-    point); a yes/no or scene answer about a moment is decided by the frame at that moment (the
-    newest frame for "now"). See PointerProbe.
+    A grounding answer's time tokens are copies of `Time ...s:` labels (digits and point): each
+    points at the frame with that label; `end` marks the end of a stay (the diagnosis reports
+    starts and ends apart). A yes/no or scene answer about a moment is decided by the frame at
+    that moment (the newest frame for "now"). See PointerProbe.
+
+    Tried and left (docs/benchmarks.md, run ptr4): pointing the end of a stay at the first frame
+    without the object (the last one showing it cannot know it is the last; the next one can
+    tell the object left) moved the end pointer from 0.53 to 0.57 only, and its previous-label
+    supervision halved the AT pointer.
     """
     if q.kind in (Kind.NOW, Kind.SCENE):
-        return [(0, last)]
+        return [(0, last, False)]
     if q.kind in (Kind.AT, Kind.SCENE_AT):
         frame = frame_of.get(qa_mod.label(q.moment)) if q.moment is not None else None
-        return [] if frame is None else [(0, frame)]
+        return [] if frame is None else [(0, frame, False)]
     pieces = [tokenizer.decode([i]) for i in answer]
     ends = list(np.cumsum([len(x) for x in pieces]))
     out = []
-    for match in _TIME.finditer("".join(pieces)):
+    # Times alternate: "from <start> to <end>", once per stay.
+    for ordinal, match in enumerate(_TIME.finditer("".join(pieces))):
         frame = frame_of.get(match.group())
         if frame is None:
             continue
-        for j, end in enumerate(ends):
-            begin = end - len(pieces[j])
-            if match.start() <= begin and end <= match.end():
-                out.append((j, frame))
+        end = ordinal % 2 == 1
+        for j, stop in enumerate(ends):
+            begin = stop - len(pieces[j])
+            if match.start() <= begin and stop <= match.end():
+                out.append((j, frame, end))
     return out
 
 
@@ -497,32 +518,51 @@ class WordProbe(torch.nn.Module):
         return loss / 2
 
 
+# Digits of a time label FrameProbe reads: thousands of seconds down to tenths (up to 9999.9 s).
+_LABEL_DIGITS = 5
+
+
+def label_digits(times: Sequence[float]) -> torch.Tensor:
+    """(T, _LABEL_DIGITS) the digits of each `Time {t:.1f}s:` label, most significant first,
+    zero-padded (later times are read as 9999.9)."""
+    tenths = torch.tensor([round(t * 10) for t in times]).clamp(max=10**_LABEL_DIGITS - 1)
+    scale = 10 ** torch.arange(_LABEL_DIGITS - 1, -1, -1)
+    return tenths[:, None] // scale % 10
+
+
 class FrameProbe(torch.nn.Module):
     """Deep supervision of the LLM at each frame's last visual token, in a middle layer: which
-    objects the frame shows, and the digits of its own time label (tens, units, tenths).
+    objects the frame shows, which entered and which left since the previous frame, and the
+    digits of its own time label (label_digits).
 
-    These are the facts a grounding answer is made of (find the frames showing the object, copy
-    their labels); asking for them where each frame ends lets the model learn them per frame
-    instead of only through whole answers. Not part of the saved model.
+    These are the facts a grounding answer is made of: a stay starts at a frame where its object
+    entered and ends before the one where it left, and the answer copies their labels. Asking
+    for them where each frame ends lets the model learn them per frame instead of only through
+    whole answers. Not part of the saved model.
     """
 
     def __init__(self, hidden: int, layer: int) -> None:
         super().__init__()
         self.layer = layer
         self.present = torch.nn.Linear(hidden, len(VOCABULARY))
-        self.digits = torch.nn.Linear(hidden, 30)
+        self.changes = torch.nn.Linear(hidden, 2 * len(VOCABULARY))
+        self.digits = torch.nn.Linear(hidden, 10 * _LABEL_DIGITS)
 
     def forward(
         self, hidden: torch.Tensor, times: Sequence[float], present: np.ndarray
     ) -> torch.Tensor:
-        tenths = torch.tensor([round(t * 10) for t in times]).clamp(max=999)
-        digits = torch.stack([tenths // 100, tenths // 10 % 10, tenths % 10], dim=1)
-        logits = self.digits(hidden).view(-1, 3, 10)
-        digit_loss = F.cross_entropy(logits.reshape(-1, 10), digits.reshape(-1))
-        presence = F.binary_cross_entropy_with_logits(
-            self.present(hidden), torch.from_numpy(present)
-        )
-        return digit_loss + presence
+        digits = label_digits(times)
+        own = self.digits(hidden).view(-1, 10)
+        loss = F.cross_entropy(own, digits.reshape(-1))
+        shown = torch.from_numpy(present)
+        loss = loss + F.binary_cross_entropy_with_logits(self.present(hidden), shown)
+        if len(times) > 1:
+            later = hidden[1:]
+            entered = shown[1:] * (1 - shown[:-1])
+            left = shown[:-1] * (1 - shown[1:])
+            changes = torch.cat([entered, left], dim=1)
+            loss = loss + F.binary_cross_entropy_with_logits(self.changes(later), changes)
+        return loss
 
 
 class QuestionProbe(torch.nn.Module):
@@ -552,14 +592,24 @@ class QuestionProbe(torch.nn.Module):
         return (colour + F.cross_entropy(self.shape(hidden), parts[:, 1])) / 2
 
 
+def frame_span(frame_last: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, last) positions of each of `frames`: its `Time t:` label (and the prompt before
+    the first frame) through its last visual token."""
+    first = torch.where(frames > 0, frame_last[(frames - 1).clamp(min=0)] + 1, 0)
+    return first, frame_last[frames]
+
+
 class PointerProbe:
     """Supervises where one attention head of one LLM layer looks: from each position predicting
-    an answer token that one frame decides (pointer_targets), at that frame's last visual token.
+    an answer token that one frame decides (pointer_targets), at that frame (its label and
+    visual tokens; frame_span).
 
     A grounding answer is a copy of the labels of the frames that show the object; learning to
     find those frames only through the copied digits is slow (the answers stay on their priors,
-    docs/benchmarks.md). This names the frame directly, as a cross-entropy over every position
-    the head may attend. Nothing is added to the model: it reads the layer's own projections.
+    docs/benchmarks.md). This names the frame directly: the loss is -log of the head's attention
+    summed over the frame's tokens, so the head may look at the tokens showing the object asked
+    about rather than at one token standing for the whole frame. Nothing is added to the model:
+    it reads the layer's own projections.
     """
 
     def __init__(self, model, layer: int, head: int = 0) -> None:
@@ -579,9 +629,13 @@ class PointerProbe:
         self.captured = {"hidden": hidden, "rope": kwargs.get("position_embeddings")}
 
     def loss(self, packed: Packed) -> torch.Tensor:
-        """Mean -log attention weight on the target frames' last visual tokens."""
-        keys = packed.frame_last[packed.pointer_frames]
-        loss = F.cross_entropy(self._logits(packed).float(), keys)
+        """Mean -log attention weight summed over each target frame's tokens."""
+        logits = self._logits(packed).float()
+        first, last = frame_span(packed.frame_last, packed.pointer_frames)
+        where = torch.arange(logits.shape[1])
+        inside = (where >= first[:, None]) & (where <= last[:, None])
+        frame = logits.masked_fill(~inside, float("-inf")).logsumexp(-1)
+        loss = (logits.logsumexp(-1) - frame).mean()
         self.last = loss.item()
         return loss
 

@@ -30,9 +30,31 @@ def test_diagnosis_counts_every_pointed_token(model_cache, monkeypatch, capsys) 
     times = sum(len(re.findall(r"\d+\.\d", q.answer)) for q in clip.questions[:objects])
     assert objects >= 1 and times >= 2  # the scene's objects are there: each WHEN has 2 times
     assert int(rows["when"].split("|")[2]) >= 3 * times
+    # Every WHEN time is a start or an end of a stay; each answer has as many of both.
+    starts, ends = (int(rows[f"when {part}"].split("|")[2]) for part in ("start", "end"))
+    assert starts + ends == int(rows["when"].split("|")[2])
+    assert min(starts, ends) >= 3 * (times // 2)
     summary = lines[-1]
     assert re.fullmatch(
-        r"when_pointer=\S+ at_pointer=\S+ now_pointer=\S+ when_token_pointer_right=\S+ "
+        r"when_pointer=\S+ when_start_pointer=\S+ when_end_pointer=\S+ at_pointer=\S+ "
+        r"now_pointer=\S+ when_token_pointer_right=\S+ "
         r"when_first_digit=\S+",
         summary,
     ), summary
+
+
+def test_a_shifted_scene_asks_the_same_under_later_labels() -> None:
+    """--shift: same frames, every time in the questions and answers later by the shift."""
+    module = _module()
+    plain = module.scene_clip(module.HELD_OUT_SEED, 24)
+    later = module.scene_clip(module.HELD_OUT_SEED, 24, shift=1200.0)
+    assert (plain.frames == later.frames).all()
+    assert later.times == [t + 1200.0 for t in plain.times]
+
+    def times(text: str) -> list[float]:
+        return [float(x) for x in re.findall(r"\d+\.\d", text)]
+
+    assert any(times(q.answer) for q in plain.questions)
+    for a, b in zip(plain.questions, later.questions, strict=True):
+        assert times(b.answer) == [t + 1200.0 for t in times(a.answer)]
+        assert times(b.question) == [t + 1200.0 for t in times(a.question)]

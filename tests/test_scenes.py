@@ -151,6 +151,10 @@ def test_clip_offset_shifts_truth_into_media_time() -> None:
     qa = maker.first(obj.name)
     assert qa.truth[0].start == pytest.approx(max(0.0, stay.start - offset))
     assert maker.at(obj.name, stay.start - offset + 1).answer == "Yes."
+    # A clip whose media time starts later: the truth starts no earlier than its first frame.
+    later = QuestionMaker(scene, [t + 100 for t in times], offset=offset - 100)
+    first = later.first(obj.name).truth[0]
+    assert first.start == pytest.approx(max(100.0, stay.start - offset + 100))
 
 
 def test_every_kind_is_asked_and_answered() -> None:

@@ -209,6 +209,42 @@ def test_pool_footage_is_deterministic_and_asked_fresh_questions() -> None:
             assert getattr(maker, qa.kind.value)(qa.target).answer == qa.answer
 
 
+def test_shifted_footage_keeps_frames_and_truth_under_later_labels() -> None:
+    """A clip whose media time starts later (as an hour-old stream's does) shows the same frames
+    and is asked true questions under its later labels."""
+    stage = replace(SMALL.stages[1], min_seconds=8.0, max_seconds=8.0)
+    plain = make_footage(40, stage, replace(SMALL, shift_share=0.0))
+    shifted = make_footage(40, stage, replace(SMALL, shift_share=1.0, shift_max=3600.0))
+    shift = shifted.times[0] - plain.times[0]
+    assert shift > 10 and (shifted.frames == plain.frames).all()
+    assert shifted.times == pytest.approx([t + shift for t in plain.times])
+    full = generate_scene(
+        40, duration=plain.scene.duration, size=(plain.scene.width, plain.scene.height)
+    )
+    for footage in (plain, shifted):
+        maker = QuestionMaker(full, footage.times, offset=footage.offset)
+        for obj in full.objects:
+            qa = maker.when(obj.name)
+            spans = [(t.start, t.end) for t in qa.truth]
+            assert all(footage.times[0] <= a <= b <= footage.times[-1] for a, b in spans)
+    names = [o.name for o in full.objects]
+    assert names  # the scene has objects to ask about
+    ask = (QuestionMaker(full, f.times, offset=f.offset) for f in (plain, shifted))
+    plain_maker, shifted_maker = ask
+    for name in names:
+        a, b = plain_maker.when(name), shifted_maker.when(name)
+        assert [x.start + shift for x in a.truth] == pytest.approx([x.start for x in b.truth])
+        assert plain_maker.seen(name) == shifted_maker.seen(name)
+
+
+def test_label_digits_read_every_label_up_to_four_digits_of_seconds() -> None:
+    from livelens.model.training import label_digits
+
+    assert label_digits([0.0, 12.5, 3605.0, 20000.0]).tolist() == [
+        [0, 0, 0, 0, 0], [0, 0, 1, 2, 5], [3, 6, 0, 5, 0], [9, 9, 9, 9, 9],
+    ]  # fmt: skip
+
+
 def test_balanced_questions_answer_yes_half_the_time() -> None:
     stage = replace(SMALL.stages[0], min_seconds=8.0, max_seconds=8.0)
     footage = next(f for k in range(11, 40) if (f := make_footage(k, stage, SMALL)).present.any())
@@ -219,8 +255,9 @@ def test_balanced_questions_answer_yes_half_the_time() -> None:
 
 
 def test_pointer_targets_name_the_frame_each_answer_token_copies(built) -> None:
-    """Each digit and point of a grounding answer's times points at the frame with that label;
-    a moment's yes/no or scene answer at that moment's frame; "now" at the newest frame."""
+    """Each digit and point of a grounding answer's times points at the frame with that label
+    (marked as a stay's start or end); a moment's yes/no or scene answer at that moment's frame;
+    "now" at the newest frame."""
     from livelens.model.qa import QA
     from livelens.model.scenes import Interval
     from livelens.model.training import pointer_targets
@@ -233,24 +270,28 @@ def test_pointer_targets_name_the_frame_each_answer_token_copies(built) -> None:
         ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         qa = QA(Kind.WHEN, "When is the red ball visible?", answer, "red ball", (Interval(0, 1),))
         return [
-            (tokenizer.decode([ids[j]]), f)
-            for j, f in pointer_targets(qa, ids, tokenizer, frame_of, 5)
+            (tokenizer.decode([ids[j]]), f, end)
+            for j, f, end in pointer_targets(qa, ids, tokenizer, frame_of, 5)
         ]
 
     assert pieces("From 0.5s to 12.0s.") == [
-        ("0", 1), (".", 1), ("5", 1), ("1", 4), ("2", 4), (".", 4), ("0", 4),
+        ("0", 1, False), (".", 1, False), ("5", 1, False),
+        ("1", 4, True), ("2", 4, True), (".", 4, True), ("0", 4, True),
     ]  # fmt: skip
+    ends = [end for _, _, end in pieces("From 0.0s to 0.5s and from 1.0s to 12.5s.")]
+    assert ends == [False] * 3 + [True] * 3 + [False] * 3 + [True] * 4
     assert pieces("There is no red ball in the video.") == []
     at = QA(Kind.AT, "Is there a red ball at 1.5s?", "Yes.", "red ball", moment=1.5)
     now = QA(Kind.NOW, "Is a red ball visible now?", "No.", "red ball", moment=12.5)
     for qa, frame in ((at, 3), (now, 5)):
         ids = tokenizer(qa.answer, add_special_tokens=False)["input_ids"]
-        assert pointer_targets(qa, ids, tokenizer, frame_of, 5) == [(0, frame)]
+        assert pointer_targets(qa, ids, tokenizer, frame_of, 5) == [(0, frame, False)]
 
 
 def test_pointer_loss_is_the_heads_own_attention(built) -> None:
     """PointerProbe's loss equals -log of the attention weight transformers' eager attention
-    gives each target frame's last visual token, head 0 of the probed layer."""
+    gives each target frame's tokens (its label through its last visual token), head 0 of the
+    probed layer."""
     from livelens.model.training import PointerProbe
 
     tokenizer, model, prompt = built
@@ -276,8 +317,11 @@ def test_pointer_loss_is_the_heads_own_attention(built) -> None:
         loss = probe.loss(packed)
     probe.remove()
     weights = out.attentions[0][0, 0]  # layer 0, head 0: (L, L)
-    keys = packed.frame_last[packed.pointer_frames]
-    expected = -weights[packed.pointer_queries, keys].log().mean()
+    # Summed over each target frame's label and visual tokens.
+    bounds = [0, *(packed.frame_last + 1).tolist()]
+    pairs = zip(packed.pointer_queries.tolist(), packed.pointer_frames.tolist(), strict=True)
+    frames = torch.stack([weights[q, bounds[f] : bounds[f + 1]].sum() for q, f in pairs])
+    expected = -frames.log().mean()
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
 
 
