@@ -10,6 +10,8 @@ label, the first token of a yes/no answer) it reports:
   the most attention, summed over each frame's tokens, on the right frame (for the end of a
   stay, the first frame without the object: see `pointer_targets`);
 - the model's own next-token prediction there, split by whether the pointer was right.
+- where a wrong pointer lands: a frame showing the asked object (right object, wrong frame),
+  one showing only other objects (wrong object), or one showing none.
 
 WHEN is reported whole and split into the starts and the ends of stays.
 
@@ -35,7 +37,7 @@ import torch
 from livelens.model.loading import load_model
 from livelens.model.prompt import PromptFormat
 from livelens.model.qa import QuestionMaker
-from livelens.model.scenes import VOCABULARY, generate_scene
+from livelens.model.scenes import VOCABULARY, VOCABULARY_INDEX, generate_scene
 from livelens.model.training import (
     HELD_OUT_SEED,
     Clip,
@@ -60,6 +62,10 @@ def scene_clip(seed: int, tokens_per_frame: int, shift: float = 0.0) -> Clip:
     times = [t for t in scene.frame_times() if sampler.offer(t)]
     grid = choose_grid(scene.height, scene.width, tokens_per_frame=tokens_per_frame)
     frames = np.stack([resize_to_grid(f, grid) for f in camera_frames(scene, times, crf=23)])
+    present = np.zeros((len(times), len(VOCABULARY)), np.float32)
+    for i, t in enumerate(times):
+        for obj in scene.visible_at(t):
+            present[i, VOCABULARY_INDEX[obj.name]] = 1.0
     times = [t + shift for t in times]
     maker = QuestionMaker(scene, times, offset=-shift)
     names = [o.name for o in scene.objects]
@@ -67,8 +73,18 @@ def scene_clip(seed: int, tokens_per_frame: int, shift: float = 0.0) -> Clip:
     questions += [maker.at(n, rng.choice(times)) for n in names]
     questions += [maker.now(n) for n in names]
     unused = np.zeros((len(times), 1), np.int64)
-    present = np.zeros((len(times), len(VOCABULARY)), np.float32)
     return Clip(frames, times, questions, 0.1, grid, unused, present)
+
+
+MISSES = ("asked object", "another object", "no object")
+
+
+def miss_kind(shown: np.ndarray, target: str) -> str:
+    """What a wrongly pointed frame shows: the asked object (a wrong frame of one of its stays,
+    or of a stay never asked about), only other objects (the wrong object), or nothing."""
+    if shown[VOCABULARY_INDEX[target]]:
+        return MISSES[0]
+    return MISSES[1] if shown.any() else MISSES[2]
 
 
 @torch.no_grad()
@@ -96,14 +112,18 @@ def diagnose(loaded, clip: Clip, counts: Counter) -> None:
     # Attention summed per frame: a frame's label and visual tokens up to its last one.
     bounds = [0, *(packed.frame_last + 1).tolist()]
     per_frame = torch.stack([weights[:, a:b].sum(-1) for a, b in itertools.pairwise(bounds)], dim=1)
-    right_frame = (per_frame.argmax(-1) == packed.pointer_frames).tolist()
+    pointed = per_frame.argmax(-1)
+    right_frame = (pointed == packed.pointer_frames).tolist()
     right_token = (predicted == packed.targets[rows]).tolist()
     starts = packed.block_starts.tolist()
     seen: set[int] = set()
     ends = packed.pointer_ends.tolist()
-    for row, point, token, end in zip(rows.tolist(), right_frame, right_token, ends, strict=True):
+    for row, point, token, end, frame in zip(
+        rows.tolist(), right_frame, right_token, ends, pointed.tolist(), strict=True
+    ):
         block = max(i for i, start in enumerate(starts) if start <= row)
-        kind = clip.questions[block].kind.value
+        question = clip.questions[block]
+        kind = question.kind.value
         # WHEN's rows: all its times, then the starts and the ends of stays apart.
         names = [kind, f"{kind} {'end' if end else 'start'}"] if kind == "when" else [kind]
         for name in names:
@@ -111,6 +131,8 @@ def diagnose(loaded, clip: Clip, counts: Counter) -> None:
             counts[(name, "pointer")] += point
             counts[(name, "token_n", point)] += 1
             counts[(name, "token", point)] += token
+            if not point and question.target is not None:
+                counts[(name, "miss", miss_kind(clip.present[frame], question.target))] += 1
         if block not in seen:  # the question's first pointed token
             seen.add(block)
             counts[(kind, "first_n")] += 1
@@ -152,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
             f" | {share((row, 'token', False), (row, 'token_n', False)):.2f}"
             f" | {first:.2f} |"
         )
+    print()
+    print("Wrong pointers: what the frame pointed at shows")
+    print()
+    print(f"| kind | wrong pointers | {' | '.join(MISSES)} |")
+    print("|---|---:|---:|---:|---:|")
+    for row in ROWS:
+        misses = [counts[(row, "miss", m)] for m in MISSES]
+        print(f"| {row} | {sum(misses)} | {' | '.join(str(m) for m in misses)} |")
     w, a, n = "when", "at", "now"
     s, e = "when start", "when end"
     print(

@@ -21,7 +21,8 @@ def test_diagnosis_counts_every_pointed_token(model_cache, monkeypatch, capsys) 
     module = _module()
     assert module.main(["--model", "tiny", "--scenes", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ")}
+    split = lines.index("Wrong pointers: what the frame pointed at shows")
+    rows = {line.split("|")[1].strip(): line for line in lines[:split] if line.startswith("| ")}
     clip = module.scene_clip(module.HELD_OUT_SEED, 24)
     objects = len(clip.questions) // 3
     # One pointed token per AT and NOW answer, one per digit and point of every WHEN time.
@@ -34,6 +35,12 @@ def test_diagnosis_counts_every_pointed_token(model_cache, monkeypatch, capsys) 
     starts, ends = (int(rows[f"when {part}"].split("|")[2]) for part in ("start", "end"))
     assert starts + ends == int(rows["when"].split("|")[2])
     assert min(starts, ends) >= 3 * (times // 2)
+    # Every wrong pointer of a question about an object is classified once.
+    misses = {line.split("|")[1].strip(): line for line in lines[split:] if line.startswith("| ")}
+    for row in ("when", "at", "now"):
+        cells = [int(c) for c in misses[row].split("|")[2:6]]
+        pointed, exact = int(rows[row].split("|")[2]), float(rows[row].split("|")[3])
+        assert cells[0] == sum(cells[1:]) == round(pointed * (1 - exact))
     summary = lines[-1]
     assert re.fullmatch(
         r"when_pointer=\S+ when_start_pointer=\S+ when_end_pointer=\S+ at_pointer=\S+ "
