@@ -23,16 +23,17 @@ Recipe (docs/benchmarks.md has the learning curve and the experiments behind eac
   name their object (WordProbe), per-frame deep supervision in the LLM (FrameProbe), the asked
   object named where the answer is made (QuestionProbe), and one attention head told which
   frame each answer token comes from (PointerProbe: the frame whose label a time copies, the
-  frame a yes/no answer is about);
+  frame a yes/no answer is about; its attention summed over that frame's tokens);
+- a fifth of the clips at later media times (labels up to an hour), as a live stream has them;
 - scenes with several objects more often than not, so an answer must depend on the object asked;
 - a narrow LLM (width 128, 4 heads of 64) with Qwen2.5's rope theta (1e6), unit-scale input
   embeddings and visual features at initialisation (_widen_inputs).
 Deterministic from --seed on a given machine (fixed step counts, seeded data and pools).
 
-Status: with the pointer the model finds frames by their time labels, copies labels and reads
-"now", but it often points at the wrong stay of the object asked about (held-out WHEN mIoU
-0.3-0.4 against a target of 0.8), so no checkpoint is committed yet (docs/benchmarks.md, issue
-9).
+Status (run ptr5, 55.7 min): the model finds the asked object's frames (WHEN start pointer
+0.90), copies labels and reads "now", but misplaces the ends of stays and labels past an hour's
+start; held-out WHEN mIoU 0.57, R@0.5 0.57 against targets of 0.8 / 0.85, so no checkpoint is
+committed yet (docs/benchmarks.md, issue 9).
 """
 
 from __future__ import annotations
