@@ -42,13 +42,12 @@ from livelens.model.training import (
     HELD_OUT_SEED,
     Clip,
     PointerProbe,
-    camera_frames,
     clip_features,
+    held_out_frames,
     pack,
     packed_embeds,
+    packed_forward,
 )
-from livelens.stream.grid import choose_grid, resize_to_grid
-from livelens.stream.sampler import FpsSampler
 
 ROWS = ("when", "when start", "when end", "at", "now")
 
@@ -58,10 +57,7 @@ def scene_clip(seed: int, tokens_per_frame: int, shift: float = 0.0) -> Clip:
     `shift`, its media time starts at `shift` s (as if the stream had run that long)."""
     rng = random.Random(seed)
     scene = generate_scene(seed, duration=round(rng.uniform(10, 60), 1))
-    sampler = FpsSampler(1.0)
-    times = [t for t in scene.frame_times() if sampler.offer(t)]
-    grid = choose_grid(scene.height, scene.width, tokens_per_frame=tokens_per_frame)
-    frames = np.stack([resize_to_grid(f, grid) for f in camera_frames(scene, times, crf=23)])
+    times, grid, frames = held_out_frames(scene, tokens_per_frame)
     present = np.zeros((len(times), len(VOCABULARY)), np.float32)
     for i, t in enumerate(times):
         for obj in scene.visible_at(t):
@@ -96,14 +92,9 @@ def diagnose(loaded, clip: Clip, counts: Counter) -> None:
     packed = pack(clip, tokenizer, prompt, video_id, eos_id)
     probe = PointerProbe(model, layer=model.config.text_config.num_hidden_layers - 1)
     try:
-        feats = clip_features(model, packed, clip.grid, len(clip.times))
+        feats = clip_features(model, packed.patches, clip.grid, len(clip.times))
         embeds = packed_embeds(model, packed, feats, video_id)
-        hidden = model.model.language_model(
-            inputs_embeds=embeds[None],
-            attention_mask=packed.mask,
-            position_ids=packed.positions[None],
-            use_cache=False,
-        ).last_hidden_state[0]
+        hidden = packed_forward(model, packed, embeds).last_hidden_state[0]
         rows = packed.pointer_queries
         predicted = model.lm_head(hidden[rows]).argmax(-1)
         weights = probe.attention_weights(packed)

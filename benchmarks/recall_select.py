@@ -31,9 +31,7 @@ from livelens.model.engine import recall_scores
 from livelens.model.loading import load_model
 from livelens.model.pruner import DiffFramePruner
 from livelens.model.scenes import generate_scene
-from livelens.model.training import HELD_OUT_SEED, camera_frames
-from livelens.stream.grid import choose_grid, resize_to_grid
-from livelens.stream.sampler import FpsSampler
+from livelens.model.training import HELD_OUT_SEED, clip_features, held_out_frames
 
 
 def mean_scores(frames: list[torch.Tensor], query: torch.Tensor) -> torch.Tensor:
@@ -46,18 +44,10 @@ def remembered(loaded, seed: int, tokens_per_frame: int):
     """A held-out 60 s scene at 1 fps: its times, each frame's kept features, the scene."""
     model = loaded.model
     scene = generate_scene(seed, duration=60.0, objects=3)
-    sampler = FpsSampler(1.0)
-    times = [t for t in scene.frame_times() if sampler.offer(t)]
-    grid = choose_grid(scene.height, scene.width, tokens_per_frame=tokens_per_frame)
-    frames = np.stack([resize_to_grid(f, grid) for f in camera_frames(scene, times, crf=23)])
+    times, grid, frames = held_out_frames(scene, tokens_per_frame)
     pruned = DiffFramePruner(threshold=0.1)(torch.from_numpy(frames))
     with torch.no_grad():
-        features = model.model.get_video_features(
-            pixel_values_videos=pruned.patches,
-            video_grid_thw=torch.tensor([[len(times), grid.patches_h, grid.patches_w]]),
-            video_merge_sizes=torch.tensor([2]),
-            return_dict=True,
-        ).pooler_output[0]
+        features = clip_features(model, pruned.patches, grid, len(times))
     per_frame = features.view(len(times), -1, features.shape[-1])
     kept = [per_frame[i][pruned.keep[i]] for i in range(len(times))]
     return times, kept, scene

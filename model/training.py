@@ -558,12 +558,18 @@ class FrameProbe(torch.nn.Module):
         shown = torch.from_numpy(present)
         loss = loss + F.binary_cross_entropy_with_logits(self.present(hidden), shown)
         if len(times) > 1:
-            later = hidden[1:]
-            entered = shown[1:] * (1 - shown[:-1])
-            left = shown[:-1] * (1 - shown[1:])
-            changes = torch.cat([entered, left], dim=1)
-            loss = loss + F.binary_cross_entropy_with_logits(self.changes(later), changes)
+            loss = loss + F.binary_cross_entropy_with_logits(
+                self.changes(hidden[1:]), object_changes(shown)
+            )
         return loss
+
+
+def object_changes(shown: torch.Tensor) -> torch.Tensor:
+    """(T-1, 2 * vocabulary) for frames 1.. of a clip: which objects entered since the previous
+    frame, then which left, from the (T, vocabulary) presence."""
+    entered = shown[1:] * (1 - shown[:-1])
+    left = shown[:-1] * (1 - shown[1:])
+    return torch.cat([entered, left], dim=1)
 
 
 class QuestionProbe(torch.nn.Module):
@@ -661,10 +667,11 @@ class PointerProbe:
         return logits.masked_fill(~packed.mask[0, 0, rows], float("-inf"))
 
 
-def clip_features(model, packed: Packed, grid: Grid, frames: int) -> torch.Tensor:
-    """ONE vision pass over the clip: every merged token's projected features, kept or not."""
+def clip_features(model, patches: torch.Tensor, grid: Grid, frames: int) -> torch.Tensor:
+    """ONE vision pass over a clip's patches (DiffFP's `patches`): every merged token's projected
+    features, kept or not."""
     return model.model.get_video_features(
-        pixel_values_videos=packed.patches,
+        pixel_values_videos=patches,
         video_grid_thw=torch.tensor([[frames, grid.patches_h, grid.patches_w]]),
         video_merge_sizes=torch.tensor([2]),
         return_dict=True,
@@ -676,6 +683,27 @@ def packed_embeds(model, packed: Packed, feats: torch.Tensor, video_token_id: in
     embeds = model.get_input_embeddings()(packed.ids)
     kept = feats[packed.kept.reshape(-1)].to(embeds.dtype)
     return embeds.masked_scatter((packed.ids == video_token_id)[:, None], kept)
+
+
+def packed_forward(model, packed: Packed, embeds: torch.Tensor, **kwargs):
+    """The LLM over the packed sequence (its block mask and positions), no cache."""
+    return model.model.language_model(
+        inputs_embeds=embeds[None],
+        attention_mask=packed.mask,
+        position_ids=packed.positions[None],
+        use_cache=False,
+        **kwargs,
+    )
+
+
+def held_out_frames(scene: Scene, tokens_per_frame: int) -> tuple[list[float], Grid, np.ndarray]:
+    """A scene as the held-out evaluations see it: sampled at 1 fps from 0 s, through an H.264
+    round trip (crf 23), resized to the session grid; (times, grid, frames)."""
+    sampler = FpsSampler(1.0)
+    times = [t for t in scene.frame_times() if sampler.offer(t)]
+    grid = choose_grid(scene.height, scene.width, tokens_per_frame=tokens_per_frame)
+    frames = np.stack([resize_to_grid(f, grid) for f in camera_frames(scene, times, crf=23)])
+    return times, grid, frames
 
 
 def clip_loss(
@@ -695,16 +723,15 @@ def clip_loss(
     """Mean next-token loss over the answers, through the real vision tower and LLM; plus, with
     `token_head`, the per-token object loss on the projected features (all tokens, kept or not).
     """
-    feats = clip_features(model, packed, grid, frames)
+    feats = clip_features(model, packed.patches, grid, frames)
     aux = None
     if token_head is not None and labels is not None:
         aux = token_head(feats, torch.from_numpy(labels).reshape(-1))
     embeds = packed_embeds(model, packed, feats, video_token_id)
-    out = model.model.language_model(
-        inputs_embeds=embeds[None],
-        attention_mask=packed.mask,
-        position_ids=packed.positions[None],
-        use_cache=False,
+    out = packed_forward(
+        model,
+        packed,
+        embeds,
         output_hidden_states=frame_probe is not None or question_probe is not None,
     )
     hidden = out.last_hidden_state[0]
@@ -951,11 +978,7 @@ def evaluate(
     for k in range(scenes):
         rng = random.Random(seed + k)
         scene = generate_scene(seed + k, duration=round(rng.uniform(10, 60), 1))
-        sampler = FpsSampler(1.0)
-        times = [t for t in scene.frame_times() if sampler.offer(t)]
-        grid = choose_grid(scene.height, scene.width, tokens_per_frame=config.tokens_per_frame)
-        decoded = camera_frames(scene, times, crf=23)
-        frames = np.stack([resize_to_grid(f, grid) for f in decoded])
+        times, grid, frames = held_out_frames(scene, config.tokens_per_frame)
         session = VideoSession(runner, height=grid.height, width=grid.width)
         session.append(frames, times)
         maker = QuestionMaker(scene, times)

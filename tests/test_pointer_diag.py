@@ -6,6 +6,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+import numpy as np
+
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "pointer_diag.py"
 
 
@@ -48,6 +50,16 @@ def test_diagnosis_counts_every_pointed_token(model_cache, monkeypatch, capsys) 
         r"when_first_digit=\S+",
         summary,
     ), summary
+
+
+def test_a_wrong_pointer_is_classified_by_what_its_frame_shows() -> None:
+    module = _module()
+    shown = np.zeros(len(module.VOCABULARY), np.float32)
+    assert module.miss_kind(shown, "red ball") == "no object"
+    shown[module.VOCABULARY_INDEX["blue box"]] = 1
+    assert module.miss_kind(shown, "red ball") == "another object"
+    shown[module.VOCABULARY_INDEX["red ball"]] = 1
+    assert module.miss_kind(shown, "red ball") == "asked object"
 
 
 def test_a_shifted_scene_asks_the_same_under_later_labels() -> None:

@@ -27,6 +27,7 @@ from livelens.model.training import (
     make_pool,
     pack,
     packed_embeds,
+    packed_forward,
     train,
 )
 
@@ -90,7 +91,7 @@ def test_packed_clip_is_the_live_session_token_sequence(built, threshold: float)
 
 def _embeds(model, clip, packed, video_id: int) -> torch.Tensor:
     """The packed sequence's input embeddings: kept visual features in the video slots."""
-    feats = clip_features(model, packed, clip.grid, len(clip.times))
+    feats = clip_features(model, packed.patches, clip.grid, len(clip.times))
     return packed_embeds(model, packed, feats, video_id)
 
 
@@ -102,12 +103,7 @@ def test_packed_logits_are_the_live_session_logits(built) -> None:
     packed = pack(clip, tokenizer, prompt, video_id, eos_id)
     with torch.no_grad():
         embeds = _embeds(model, clip, packed, video_id)
-        hidden = model.model.language_model(
-            inputs_embeds=embeds[None],
-            attention_mask=packed.mask,
-            position_ids=packed.positions[None],
-            use_cache=False,
-        ).last_hidden_state[0]
+        hidden = packed_forward(model, packed, embeds).last_hidden_state[0]
     targets = packed.targets.tolist()
     firsts = [i for i, t in enumerate(targets) if t != -100 and (i == 0 or targets[i - 1] == -100)]
     assert len(firsts) == len(clip.questions) >= 2
@@ -221,20 +217,32 @@ def test_shifted_footage_keeps_frames_and_truth_under_later_labels() -> None:
     full = generate_scene(
         40, duration=plain.scene.duration, size=(plain.scene.width, plain.scene.height)
     )
+    names = [o.name for o in full.objects]
+    assert names  # the scene has objects to ask about
     for footage in (plain, shifted):
         maker = QuestionMaker(full, footage.times, offset=footage.offset)
         for obj in full.objects:
             qa = maker.when(obj.name)
             spans = [(t.start, t.end) for t in qa.truth]
             assert all(footage.times[0] <= a <= b <= footage.times[-1] for a, b in spans)
-    names = [o.name for o in full.objects]
-    assert names  # the scene has objects to ask about
     ask = (QuestionMaker(full, f.times, offset=f.offset) for f in (plain, shifted))
     plain_maker, shifted_maker = ask
     for name in names:
         a, b = plain_maker.when(name), shifted_maker.when(name)
         assert [x.start + shift for x in a.truth] == pytest.approx([x.start for x in b.truth])
         assert plain_maker.seen(name) == shifted_maker.seen(name)
+
+
+def test_object_changes_name_entries_then_exits() -> None:
+    from livelens.model.training import object_changes
+
+    # Two objects over four frames: the first from frame 1 to 2, the second at frame 0 and 3.
+    shown = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert object_changes(shown).tolist() == [
+        [1, 0, 0, 1],  # frame 1: the first entered, the second left
+        [0, 0, 0, 0],
+        [0, 1, 1, 0],  # frame 3: the second entered, the first left
+    ]
 
 
 def test_label_digits_read_every_label_up_to_four_digits_of_seconds() -> None:
