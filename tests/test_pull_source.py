@@ -237,7 +237,13 @@ def test_hls_outage_reconnects_and_continues_the_timeline(hls: HlsMedia, pull: P
     assert stats.gaps == [gap_event.gap]
     assert stats.connects == 2
     assert stats.reconnects == kinds.count("reconnecting") >= 1
-    assert stats.last_error == f"stream ended: {server.url('live.m3u8')}"
+    # The drop shows either as the playlist ending (the demuxer reloaded it after the server
+    # was back) or as a refused reload (it reloaded during the outage): timing decides which.
+    url = server.url("live.m3u8")
+    assert stats.last_error in (
+        f"stream ended: {url}",
+        f"lost the stream (connection refused: {url})",
+    )
 
     # Media time continues across the outage by at least the outage's wall-clock length.
     assert end - start >= outage - 0.05, (end - start, outage)
