@@ -189,6 +189,26 @@ class QuestionMaker:
         question = template.format(t=label(t))
         return QA(Kind.SCENE_AT, question, scene_answer(names), moment=t)
 
+    def yes_no(self, rng: random.Random, kind: Kind, want: bool, elsewhere: bool) -> QA | None:
+        """An AT or NOW question answered `want` (None when the clip has none). With `elsewhere`,
+        a "No." asks about an object the clip shows at other moments: the hard negative, which
+        only reading the asked moment's frame answers ("was it ever there" is not enough)."""
+        moments = [self.times[-1]] if kind is Kind.NOW else self.times
+        names = self.present if want or elsewhere else list(vocabulary())
+        pairs = []
+        for name in names:
+            seen = self.seen(name)
+            if not want and elsewhere and not any(seen):
+                continue
+            at = seen[-1:] if kind is Kind.NOW else seen
+            pairs += [(name, t) for t, v in zip(moments, at, strict=True) if v == want]
+        if not pairs:
+            return None
+        name, t = rng.choice(pairs)
+        if kind is Kind.NOW:
+            return self.now(name, rng.choice(_NOW))
+        return self.at(name, t, rng.choice(_AT))
+
     def sample(self, rng: random.Random, kinds: Sequence[Kind] = tuple(Kind)) -> QA:
         """One random question of one of `kinds`: about a present object 3 times in 4."""
         kind = rng.choice(list(kinds))

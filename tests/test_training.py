@@ -255,11 +255,39 @@ def test_label_digits_read_every_label_up_to_four_digits_of_seconds() -> None:
 
 def test_balanced_questions_answer_yes_half_the_time() -> None:
     stage = replace(SMALL.stages[0], min_seconds=8.0, max_seconds=8.0)
-    footage = next(f for k in range(11, 40) if (f := make_footage(k, stage, SMALL)).present.any())
+    # A clip with an object in some of its frames but not all: hard negatives exist.
+    footage = next(
+        f
+        for k in range(11, 80)
+        if ((p := (f := make_footage(k, stage, SMALL)).present).any(0) & ~p.all(0)).any()
+    )
     maker = QuestionMaker(footage.scene, footage.times, offset=footage.offset)
     rng = random.Random(0)
-    answers = [qa.answer for _ in range(40) for qa in balanced_questions(maker, rng, 4, (Kind.AT,))]
+    asked = [qa for _ in range(40) for qa in balanced_questions(maker, rng, 4, (Kind.AT,))]
+    answers = [qa.answer for qa in asked]
     assert 0.3 < answers.count("Yes.") / len(answers) < 0.7
+    for qa in asked:  # every answer is the truth at the asked moment
+        assert qa.answer == ("Yes." if maker._visible(qa.target, qa.moment) else "No.")
+    # Most "No." answers are about an object the clip shows at another moment.
+    noes = [qa for qa in asked if qa.answer == "No."]
+    elsewhere = [qa for qa in noes if any(maker.seen(qa.target))]
+    assert noes and len(elsewhere) / len(noes) > 0.5
+
+
+def test_now_hard_negatives_ask_about_an_object_that_left() -> None:
+    """A "No." to "is X visible now?" with `elsewhere`: X is in an earlier frame, not the newest."""
+    stage = replace(SMALL.stages[0], min_seconds=8.0, max_seconds=8.0)
+    for k in range(11, 80):
+        footage = make_footage(k, stage, SMALL)
+        maker = QuestionMaker(footage.scene, footage.times, offset=footage.offset)
+        qa = maker.yes_no(random.Random(k), Kind.NOW, want=False, elsewhere=True)
+        if qa is not None and footage.present[-1].any():
+            break
+    else:
+        raise AssertionError("no clip with an object that left before its newest frame")
+    seen = maker.seen(qa.target)
+    assert qa.kind is Kind.NOW and qa.answer == "No." and any(seen) and not seen[-1]
+    assert maker.yes_no(random.Random(0), Kind.NOW, want=True, elsewhere=True).answer == "Yes."
 
 
 def test_pointer_targets_name_the_frame_each_answer_token_copies(built) -> None:
