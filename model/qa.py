@@ -2,7 +2,8 @@
 
 Answers name times by the `Time {t:.1f}s:` labels of the sampled frames the model saw, so a
 perfect answer is a copy of labels: grounding answers are "From 12.0s to 15.5s." (one clause per
-stay), yes/no answers are "Yes." / "No.", scene answers list the objects ("A red ball and a
+stay: from the first frame showing the object to the first one where it is gone, frame_spans),
+yes/no answers are "Yes." / "No.", scene answers list the objects ("A red ball and a
 blue box."). model/grounding.py reads every one of these forms.
 """
 
@@ -84,15 +85,28 @@ def label(t: float) -> str:
 
 
 def frame_spans(times: Sequence[float], visible: Sequence[bool]) -> list[tuple[float, float]]:
-    """Runs of consecutive visible frames as (first time, last time)."""
+    """Runs of consecutive visible frames as (start, end): `start` is the run's first frame,
+    `end` the first frame after it without the object (the newest frame when the run reaches
+    it).
+
+    Both ends are frames where something changed: the object entered, or it left. A frame sees
+    the frames before it, never the ones after, so the last frame showing the object cannot know
+    it is the last, while the next frame can tell the object left. An answer that names the
+    frame where the object is gone can be read off one frame, as the start is (run ptr5 named
+    the last frame showing it: 47 of its 52 wrong ends were earlier frames of the same stay,
+    docs/benchmarks.md). Against the true interval either convention is off by under one
+    sampling period at the end, on average half of one.
+    """
     spans: list[tuple[float, float]] = []
     start: float | None = None
-    for i, (t, v) in enumerate(zip(times, visible, strict=True)):
+    for t, v in zip(times, visible, strict=True):
         if v and start is None:
             start = t
-        if start is not None and (not v or i == len(times) - 1):
-            spans.append((start, t if v else times[i - 1]))
+        elif not v and start is not None:
+            spans.append((start, t))
             start = None
+    if start is not None:
+        spans.append((start, times[-1]))
     return spans
 
 

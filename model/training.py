@@ -455,10 +455,11 @@ def pointer_targets(
     starts and ends apart). A yes/no or scene answer about a moment is decided by the frame at
     that moment (the newest frame for "now"). See PointerProbe.
 
-    Tried and left (docs/benchmarks.md, run ptr4): pointing the end of a stay at the first frame
-    without the object (the last one showing it cannot know it is the last; the next one can
-    tell the object left) moved the end pointer from 0.53 to 0.57 only, and its previous-label
-    supervision halved the AT pointer.
+    A stay's end is the first frame where the object is gone (qa.frame_spans), so its pointer,
+    like the start's, names a frame where something changed. Tried and left (docs/benchmarks.md,
+    run ptr4): answering the last frame showing the object while pointing at the next one, with
+    FrameProbe reading the previous frame's label there, moved the end pointer from 0.53 to 0.57
+    only, and the previous-label supervision halved the AT pointer.
     """
     if q.kind in (Kind.NOW, Kind.SCENE):
         return [(0, last, False)]
@@ -543,7 +544,7 @@ class FrameProbe(torch.nn.Module):
     digits of its own time label (label_digits).
 
     These are the facts a grounding answer is made of: a stay starts at a frame where its object
-    entered and ends before the one where it left, and the answer copies their labels. Asking
+    entered and ends at the one where it left, and the answer copies their labels. Asking
     for them where each frame ends lets the model learn them per frame instead of only through
     whole answers. Not part of the saved model.
     """

@@ -122,6 +122,15 @@ def test_write_encodes_every_frame(tmp_path, codec: str, suffix: str) -> None:
     assert np.abs(rendered - decoded).mean() < 6
 
 
+def test_frame_spans_end_at_the_frame_where_the_object_is_gone() -> None:
+    times = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    # Gone at 3.0 (shown at 1.0-2.0), back at 4.0 and still there at the newest frame.
+    assert frame_spans(times, [0, 1, 1, 0, 1, 1, 1]) == [(1.0, 3.0), (4.0, 6.0)]
+    assert frame_spans(times, [1, 0, 0, 0, 0, 0, 1]) == [(0.0, 1.0), (6.0, 6.0)]
+    assert frame_spans(times, [0] * 7) == []
+    assert frame_spans([2.5], [1]) == [(2.5, 2.5)]
+
+
 def test_question_answers_parse_back_to_their_frame_spans() -> None:
     scene = generate_scene(3, duration=40.0)
     times = [float(t) for t in range(40)]
