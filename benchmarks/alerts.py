@@ -62,10 +62,17 @@ class StreamRun:
     end: float
     """Media time of the last sampled frame."""
     edges: list[tuple[float, str]] = field(default_factory=list)
+    trace: list[tuple[float, float, bool]] = field(default_factory=list)
+    """(media time, confidence, object visible in truth) of every evaluation."""
     evaluations: int = 0
     skipped: int = 0
     frames: int = 0
     seconds: float = 0.0
+
+
+def trace_line(trace: list[tuple[float, float, bool]]) -> str:
+    """Each evaluation as the truth (Y visible, . not) and its confidence in tenths: "Y7"."""
+    return " ".join(f"{'Y' if shown else '.'}{min(int(c * 10), 9)}" for _, c, shown in trace)
 
 
 def observable(truth: list[tuple[float, float]], times: list[float]) -> list[tuple[float, float]]:
@@ -122,6 +129,8 @@ def run_stream(
         if errors:
             raise RuntimeError(f"an evaluation failed: {errors[0]}")
         probe = probes[-1]
+        shown = any(a - EPS <= probe.time <= b + EPS for a, b in truth)
+        run.trace.append((probe.time, probe.confidence, shown))
         edge = alert.advance(probe)
         if edge == "rise":
             alert.current = {"started": probe.time}
@@ -198,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-budget", default=DEFAULT_KV_BUDGET)
     parser.add_argument("--no-skip", action="store_true", help="evaluate every due frame")
     parser.add_argument(
+        "--trace", action="store_true", help="print every evaluation's confidence against truth"
+    )
+    parser.add_argument(
         "--condition",
         default="a {o} is visible",
         help="the alert's condition, {o} = the object (a question ending in ? is asked as is)",
@@ -217,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| stream | object | present | stretches | found | rises | false | evals | skipped |")
     print("|---|---|---|---|---|---|---|---|---|")
     total = Score()
+    traces: list[str] = []
     evaluations = skipped = frames = 0
     seconds = 0.0
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,11 +252,19 @@ def main(argv: list[str] | None = None) -> int:
             frames += run.frames
             seconds += run.seconds
             rises = sum(e == "rise" for _, e in run.edges)
+            traces.append(f"{seed} {target}: {trace_line(run.trace)}")
             print(
                 f"| {seed} | {target} | {'yes' if present else 'no'} | {stretches} | {found} | "
                 f"{rises} | {false} | {run.evaluations} | {run.skipped} |",
                 flush=True,
             )
+    if args.trace:
+        print()
+        print("Confidence per evaluation, in tenths (Y: the object is visible then, .: not):")
+        print()
+        print("```")
+        print("\n".join(traces))
+        print("```")
     recall = total.found / total.stretches if total.stretches else float("nan")
     precision = total.correct / total.rises if total.rises else float("nan")
     delay = statistics.median(total.delays) if total.delays else float("nan")
