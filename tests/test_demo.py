@@ -87,7 +87,7 @@ def test_demo_prints_answer_segments_truth_and_iou(
     assert json.loads(printed["segments: "]) == [{"start": 10.0, "end": 16.0}]
     assert json.loads(printed["stats: "])["frames"] == 24
     assert printed["truth: "] == (
-        '[{"start": 10.04, "end": 16.86}] (a perfect answer: From 11.0s to 16.0s.)'
+        '[{"start": 10.04, "end": 16.86}] (a perfect answer: From 11.0s to 17.0s.)'
     )
     assert printed["iou: "] == "0.87"
 
