@@ -92,6 +92,8 @@ _MOMENTS = (Kind.SCENE, Kind.NOW, Kind.AT, Kind.SCENE_AT)
 # answered "was it seen lately": P(yes) rose over several frames after the object came and
 # stayed above 0.5 for seconds after it left (benchmarks/alerts.py recall 0.26).
 _HARD_NO = 0.7
+# Kinds whose answers copy frames' times: their pointer targets the whole frame (PointerProbe).
+_TIMES = (Kind.WHEN, Kind.FIRST)
 # Share of a merged token's cell an object's box must cover to label the token with it.
 _TOKEN_COVER = 0.3
 
@@ -357,6 +359,9 @@ class Packed:
     """(P,) that frame's index."""
     pointer_ends: torch.Tensor
     """(P,) bool: the token is part of the end time of a stay (see pointer_targets)."""
+    pointer_whole: torch.Tensor
+    """(P,) bool: the target is the whole frame (a time to copy); else the frame's last visual
+    token (a moment's content; see PointerProbe)."""
     block_starts: torch.Tensor
     """(B,) where each question block starts, in question order."""
     object_rows: torch.Tensor
@@ -390,6 +395,7 @@ def pack(clip: Clip, tokenizer, prompt: PromptFormat, video_token_id: int, eos_i
     pointer_queries: list[int] = []
     pointer_frames: list[int] = []
     pointer_ends: list[bool] = []
+    pointer_whole: list[bool] = []
     object_rows: list[int] = []
     object_labels: list[int] = []
     block_starts: list[int] = []
@@ -403,6 +409,7 @@ def pack(clip: Clip, tokenizer, prompt: PromptFormat, video_token_id: int, eos_i
             pointer_queries.append(start + len(question) + j - 1)
             pointer_frames.append(frame)
             pointer_ends.append(end)
+            pointer_whole.append(q.kind in _TIMES)
         if q.target is not None:
             first = start + len(question) - 1
             object_rows.extend(range(first, first + len(answer)))
@@ -436,6 +443,7 @@ def pack(clip: Clip, tokenizer, prompt: PromptFormat, video_token_id: int, eos_i
         pointer_queries=torch.tensor(pointer_queries, dtype=torch.long),
         pointer_frames=torch.tensor(pointer_frames, dtype=torch.long),
         pointer_ends=torch.tensor(pointer_ends, dtype=torch.bool),
+        pointer_whole=torch.tensor(pointer_whole, dtype=torch.bool),
         block_starts=torch.tensor(block_starts, dtype=torch.long),
         object_rows=torch.tensor(object_rows, dtype=torch.long),
         object_labels=torch.tensor(object_labels, dtype=torch.long),
@@ -620,10 +628,14 @@ class PointerProbe:
 
     A grounding answer is a copy of the labels of the frames that show the object; learning to
     find those frames only through the copied digits is slow (the answers stay on their priors,
-    docs/benchmarks.md). This names the frame directly: the loss is -log of the head's attention
-    summed over the frame's tokens, so the head may look at the tokens showing the object asked
-    about rather than at one token standing for the whole frame. Nothing is added to the model:
-    it reads the layer's own projections.
+    docs/benchmarks.md). This names the frame directly: for a time to copy, the loss is -log of
+    the head's attention summed over the frame's tokens, so the head may look at the tokens
+    showing the object asked about rather than at one token standing for the whole frame. A
+    yes/no or scene answer about a moment reads what the frame shows, which FrameProbe gathers
+    at the frame's last visual token: its target is that token (`Packed.pointer_whole`). With
+    the whole frame there too (run ptr6), the head found the asked moment (AT pointer 0.94) but
+    read its label, not its content: "No." to every AT question whose answer was "Yes." Nothing
+    is added to the model: it reads the layer's own projections.
     """
 
     def __init__(self, model, layer: int, head: int = 0) -> None:
@@ -646,6 +658,7 @@ class PointerProbe:
         """Mean -log attention weight summed over each target frame's tokens."""
         logits = self._logits(packed).float()
         first, last = frame_span(packed.frame_last, packed.pointer_frames)
+        first = torch.where(packed.pointer_whole, first, last)
         where = torch.arange(logits.shape[1])
         inside = (where >= first[:, None]) & (where <= last[:, None])
         frame = logits.masked_fill(~inside, float("-inf")).logsumexp(-1)

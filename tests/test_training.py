@@ -332,9 +332,14 @@ def test_pointer_loss_is_the_heads_own_attention(built) -> None:
 
     tokenizer, model, prompt = built
     video_id, eos_id = _ids(tokenizer, model)
-    clip = make_clip(29, SMALL.stages[1], SMALL)
-    packed = pack(clip, tokenizer, prompt, video_id, eos_id)
-    assert len(packed.pointer_queries) >= 1
+    # A clip asked both times to copy (WHEN, FIRST) and moments (AT, NOW, SCENE...).
+    for seed in range(29, 60):
+        clip = make_clip(seed, SMALL.stages[1], SMALL)
+        packed = pack(clip, tokenizer, prompt, video_id, eos_id)
+        if packed.pointer_whole.any() and not packed.pointer_whole.all():
+            break
+    else:
+        raise AssertionError("no clip with both kinds of pointer targets")
     probe = PointerProbe(model, layer=0)
     with torch.no_grad():
         embeds = _embeds(model, clip, packed, video_id)
@@ -353,10 +358,21 @@ def test_pointer_loss_is_the_heads_own_attention(built) -> None:
         loss = probe.loss(packed)
     probe.remove()
     weights = out.attentions[0][0, 0]  # layer 0, head 0: (L, L)
-    # Summed over each target frame's label and visual tokens.
+    # A time: summed over the target frame's label and visual tokens; a moment: the frame's
+    # last visual token.
     bounds = [0, *(packed.frame_last + 1).tolist()]
-    pairs = zip(packed.pointer_queries.tolist(), packed.pointer_frames.tolist(), strict=True)
-    frames = torch.stack([weights[q, bounds[f] : bounds[f + 1]].sum() for q, f in pairs])
+    targets = zip(
+        packed.pointer_queries.tolist(),
+        packed.pointer_frames.tolist(),
+        packed.pointer_whole.tolist(),
+        strict=True,
+    )
+    frames = torch.stack(
+        [
+            weights[q, bounds[f] if whole else bounds[f + 1] - 1 : bounds[f + 1]].sum()
+            for q, f, whole in targets
+        ]
+    )
     expected = -frames.log().mean()
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
 
