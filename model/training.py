@@ -24,16 +24,19 @@ Recipe (docs/benchmarks.md has the learning curve and the experiments behind eac
   object named where the answer is made (QuestionProbe), and one attention head told which
   frame each answer token comes from (PointerProbe: the frame whose label a time copies, the
   frame a yes/no answer is about; its attention summed over that frame's tokens);
-- a fifth of the clips at later media times (labels up to an hour), as a live stream has them;
+- 30% of the clips at later media times (labels up to an hour), as a live stream has them;
+- a stay's answer ends at the first frame without the object (qa.frame_spans), and most "No."
+  answers are about an object the clip shows at other moments (balanced_questions);
 - scenes with several objects more often than not, so an answer must depend on the object asked;
 - a narrow LLM (width 128, 4 heads of 64) with Qwen2.5's rope theta (1e6), unit-scale input
   embeddings and visual features at initialisation (_widen_inputs).
 Deterministic from --seed on a given machine (fixed step counts, seeded data and pools).
 
-Status (run ptr5, 55.7 min): the model finds the asked object's frames (WHEN start pointer
-0.90), copies labels and reads "now", but misplaces the ends of stays and labels past an hour's
-start; held-out WHEN mIoU 0.57, R@0.5 0.57 against targets of 0.8 / 0.85, so no checkpoint is
-committed yet (docs/benchmarks.md, issue 9).
+Status (run ptr7, 57.8 min): the model finds the asked object's frames and the ends of its
+stays (WHEN pointer 0.80) and copies labels, also past 1200 s; held-out WHEN mIoU 0.60, R@0.5
+0.61 against targets of 0.8 / 0.85. Its yes/no answers lean to "No." (0.74; the newest frame's
+P(yes) stays under 0.5 while the object is visible), so no checkpoint is committed yet
+(docs/benchmarks.md, issue 9).
 """
 
 from __future__ import annotations

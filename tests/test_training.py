@@ -340,6 +340,12 @@ def test_pointer_loss_is_the_heads_own_attention(built) -> None:
             break
     else:
         raise AssertionError("no clip with both kinds of pointer targets")
+    # Whole frames exactly for the answers that copy times.
+    starts = packed.block_starts.tolist()
+    rows = zip(packed.pointer_queries.tolist(), packed.pointer_whole.tolist(), strict=True)
+    for row, whole in rows:
+        block = max(i for i, start in enumerate(starts) if start <= row)
+        assert whole == (clip.questions[block].kind in (Kind.WHEN, Kind.FIRST))
     probe = PointerProbe(model, layer=0)
     with torch.no_grad():
         embeds = _embeds(model, clip, packed, video_id)
