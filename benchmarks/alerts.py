@@ -22,6 +22,9 @@ Prints a table per stream and ONE summary line:
 and evaluations skipped by the cheap trigger).
 
     python benchmarks/alerts.py --streams 20 --seed 0 --model PATH/TO/tiny-grounding
+
+`--trace` adds every evaluation's confidence against the truth, a line per stream (whether a
+miss is a late rise or a confidence that never reaches the threshold).
 """
 
 from __future__ import annotations
