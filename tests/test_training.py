@@ -6,7 +6,6 @@ import json
 import random
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
@@ -252,52 +251,6 @@ def test_label_digits_read_every_label_up_to_four_digits_of_seconds() -> None:
     assert label_digits([0.0, 12.5, 3605.0, 20000.0]).tolist() == [
         [0, 0, 0, 0, 0], [0, 0, 1, 2, 5], [3, 6, 0, 5, 0], [9, 9, 9, 9, 9],
     ]  # fmt: skip
-
-
-def test_label_last_is_each_frames_time_label(built) -> None:
-    """FrameProbe reads a label's digits at the label's last token, just before the frame's
-    visual tokens; what the frame shows at its last visual token."""
-    tokenizer, model, prompt = built
-    video_id, eos_id = _ids(tokenizer, model)
-    clip = make_clip(17, SMALL.stages[1], SMALL)
-    packed = pack(clip, tokenizer, prompt, video_id, eos_id)
-    ids = packed.ids.tolist()
-    assert len(packed.label_last) == len(clip.times) > 1
-    for i, t in enumerate(clip.times):
-        at = int(packed.label_last[i])
-        assert ids[at] != video_id and ids[at + 1] == video_id
-        assert at < packed.frame_last[i] and set(ids[at + 1 : packed.frame_last[i] + 1]) == {
-            video_id
-        }
-        assert tokenizer.decode(ids[: at + 1]).endswith(f"Time {t:.1f}s:")
-
-
-def test_frame_probe_reads_digits_at_the_label_and_content_at_the_frame() -> None:
-    from livelens.model.scenes import VOCABULARY
-    from livelens.model.training import FrameProbe, label_digits
-
-    torch.manual_seed(0)
-    probe = FrameProbe(hidden=8, layer=0)
-    times = [0.0, 1.0, 2.0]
-    present = np.zeros((3, len(VOCABULARY)), dtype=np.float32)
-    present[1:, 2] = 1.0
-    frame, label, other = torch.randn(3, 3, 8).unbind(0)
-    digits = label_digits(times).reshape(-1)
-
-    def read(hidden: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(probe.digits(hidden).view(-1, 10), digits)
-
-    with torch.no_grad():
-        # Only the digits term changes with the label's hidden states...
-        torch.testing.assert_close(
-            probe(frame, label, times, present) - probe(frame, other, times, present),
-            read(label) - read(other),
-        )
-        # ...and the digits term does not change with the frame's.
-        torch.testing.assert_close(
-            probe(frame, label, times, present) - probe(other, label, times, present),
-            probe(frame, other, times, present) - probe(other, other, times, present),
-        )
 
 
 def test_balanced_questions_answer_yes_half_the_time() -> None:
