@@ -356,8 +356,6 @@ class Packed:
     patches: torch.Tensor
     frame_last: torch.Tensor
     """(T,) position of each frame's last visual token."""
-    label_last: torch.Tensor
-    """(T,) position of the last token of each frame's `Time {t:.1f}s:` label."""
     pointer_queries: torch.Tensor
     """(P,) positions predicting an answer token that comes from one frame (see pointer_targets)."""
     pointer_frames: torch.Tensor
@@ -385,17 +383,13 @@ def pack(clip: Clip, tokenizer, prompt: PromptFormat, video_token_id: int, eos_i
 
     ids: list[int] = []
     frame_last: list[int] = []
-    label_last: list[int] = []
     pending = prompt.prefix
     for i, (t, n) in enumerate(zip(clip.times, pruned.keep.sum(1).tolist(), strict=True)):
         pending += prompt.frame_label(i, t)
         if n == 0:  # min_tokens >= 1 keeps this from happening in training
             frame_last.append(len(ids) - 1)
-            label_last.append(len(ids) - 1)
             continue
-        ids += tokenize(pending)
-        label_last.append(len(ids) - 1)
-        ids += [video_token_id] * n
+        ids += tokenize(pending) + [video_token_id] * n
         frame_last.append(len(ids) - 1)
         pending = ""
     video = len(ids)
@@ -449,7 +443,6 @@ def pack(clip: Clip, tokenizer, prompt: PromptFormat, video_token_id: int, eos_i
         kept=pruned.keep,
         patches=pruned.patches,
         frame_last=torch.tensor(frame_last),
-        label_last=torch.tensor(label_last),
         pointer_queries=torch.tensor(pointer_queries, dtype=torch.long),
         pointer_frames=torch.tensor(pointer_frames, dtype=torch.long),
         pointer_ends=torch.tensor(pointer_ends, dtype=torch.bool),
@@ -557,16 +550,14 @@ def label_digits(times: Sequence[float]) -> torch.Tensor:
 
 
 class FrameProbe(torch.nn.Module):
-    """Deep supervision of the LLM in a middle layer: at each frame's last visual token, which
-    objects the frame shows and which entered and which left since the previous frame; at the
-    last token of its `Time {t:.1f}s:` label, the label's digits (label_digits).
+    """Deep supervision of the LLM at each frame's last visual token, in a middle layer: which
+    objects the frame shows, which entered and which left since the previous frame, and the
+    digits of its own time label (label_digits).
 
     These are the facts a grounding answer is made of: a stay starts at a frame where its object
     entered and ends at the one where it left, and the answer copies their labels. Asking
     for them where each frame ends lets the model learn them per frame instead of only through
-    whole answers. The digits are read at the label itself: asked at the visual token too (runs
-    ptr5-ptr7), they share it with what the frame shows, and yes/no answers about a moment fell
-    to always-"No." levels (docs/benchmarks.md). Not part of the saved model.
+    whole answers. Not part of the saved model.
     """
 
     def __init__(self, hidden: int, layer: int) -> None:
@@ -577,15 +568,10 @@ class FrameProbe(torch.nn.Module):
         self.digits = torch.nn.Linear(hidden, 10 * _LABEL_DIGITS)
 
     def forward(
-        self,
-        hidden: torch.Tensor,
-        label_hidden: torch.Tensor,
-        times: Sequence[float],
-        present: np.ndarray,
+        self, hidden: torch.Tensor, times: Sequence[float], present: np.ndarray
     ) -> torch.Tensor:
-        """`hidden` at each frame's last visual token, `label_hidden` at its label's last token."""
         digits = label_digits(times)
-        own = self.digits(label_hidden).view(-1, 10)
+        own = self.digits(hidden).view(-1, 10)
         loss = F.cross_entropy(own, digits.reshape(-1))
         shown = torch.from_numpy(present)
         loss = loss + F.binary_cross_entropy_with_logits(self.present(hidden), shown)
@@ -776,10 +762,8 @@ def clip_loss(
     logits = model.lm_head(hidden[where])
     loss = F.cross_entropy(logits.float(), packed.targets[where])
     if frame_probe is not None and clip is not None:
-        middle = out.hidden_states[frame_probe.layer][0]
-        aux = aux + frame_probe(
-            middle[packed.frame_last], middle[packed.label_last], clip.times, clip.present
-        )
+        middle = out.hidden_states[frame_probe.layer][0, packed.frame_last]
+        aux = aux + frame_probe(middle, clip.times, clip.present)
     if question_probe is not None and len(packed.object_rows):
         asked = out.hidden_states[question_probe.layer][0, packed.object_rows]
         aux = aux + question_probe(asked, packed.object_labels)
