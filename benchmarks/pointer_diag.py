@@ -6,9 +6,10 @@ are fed in one packed forward (model/training.py's `pack`, the live session's to
 At every answer token that one frame decides (`pointer_targets`: the digits of a copied time
 label, the first token of a yes/no answer) it reports:
 
-- pointer exact: the attention head `PointerProbe` trains (head 0 of the last LLM layer) puts
-  the most attention, summed over each frame's tokens, on the right frame (for the end of a
-  stay, the first frame without the object: see `pointer_targets`);
+- pointer exact: the attention head `PointerProbe` trains (in the last LLM layer: head 0 for a
+  copied time, the checkpoint's `moment_head` for a yes/no answer) puts the most attention,
+  summed over each frame's tokens, on the right frame (for the end of a stay, the first frame
+  without the object: see `pointer_targets`);
 - the model's own next-token prediction there, split by whether the pointer was right.
 - where a wrong pointer lands: a frame showing the asked object (right object, wrong frame),
   one showing only other objects (wrong object), or one showing none.
@@ -26,15 +27,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import random
 import sys
 from collections import Counter
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from livelens.model.loading import load_model
+from livelens.model.loading import LIVELENS_JSON, load_model
 from livelens.model.prompt import PromptFormat
 from livelens.model.qa import QuestionMaker
 from livelens.model.scenes import VOCABULARY, VOCABULARY_INDEX, generate_scene
@@ -84,13 +87,15 @@ def miss_kind(shown: np.ndarray, target: str) -> str:
 
 
 @torch.no_grad()
-def diagnose(loaded, clip: Clip, counts: Counter) -> None:
+def diagnose(loaded, clip: Clip, counts: Counter, moment_head: int = 0) -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     video_id = int(model.config.video_token_id)
     eos_id = int(tokenizer.convert_tokens_to_ids("<|im_end|>"))
     prompt = PromptFormat.from_tokenizer(tokenizer, video_id)
     packed = pack(clip, tokenizer, prompt, video_id, eos_id)
-    probe = PointerProbe(model, layer=model.config.text_config.num_hidden_layers - 1)
+    probe = PointerProbe(
+        model, layer=model.config.text_config.num_hidden_layers - 1, moment_head=moment_head
+    )
     try:
         feats = clip_features(model, packed.patches, clip.grid, len(clip.times))
         embeds = packed_embeds(model, packed, feats, video_id)
@@ -130,6 +135,16 @@ def diagnose(loaded, clip: Clip, counts: Counter) -> None:
             counts[(kind, "first")] += token
 
 
+def trained_moment_head(model: str) -> int:
+    """The head a checkpoint's training supervised for moments (livelens.json; 0 before runs
+    had one, or for a model spec that is not a directory)."""
+    try:
+        meta = json.loads((Path(model) / LIVELENS_JSON).read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    return int(meta.get("train", {}).get("moment_head", 0))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint (a path or a model spec)")
@@ -143,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     loaded = load_model(args.model, device="cpu")
     tokens = args.tokens_per_frame or loaded.tokens_per_frame or 24
+    moment_head = trained_moment_head(args.model)
     counts: Counter = Counter()
     for k in range(args.scenes):
-        diagnose(loaded, scene_clip(args.seed + k, tokens, args.shift), counts)
+        diagnose(loaded, scene_clip(args.seed + k, tokens, args.shift), counts, moment_head)
 
     def share(a, b) -> float:
         return counts[a] / counts[b] if counts[b] else float("nan")

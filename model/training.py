@@ -157,10 +157,21 @@ class TrainConfig:
     pointer_loss: float = 1.0
     """Weight (before token_loss's) of the attention supervision of the last layer's first head
     (see PointerProbe); 0 turns it off."""
+    moment_head: int = 2
+    """The last layer's head PointerProbe supervises for a moment's answer (AT/NOW/SCENE); head 0
+    takes the times to copy. 2 is in the other key/value group of text_kv_heads=2, so what a
+    frame's tokens hand to a copied time (its label) and to a moment's answer (what it shows)
+    are different value vectors."""
     shift_share: float = 0.3
     """Share of clips whose media time starts later than 0 (a live stream's labels keep growing:
     `Time 3605.0s:` an hour in), by up to `shift_max` seconds."""
     shift_max: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.moment_head < self.text_heads:
+            raise ValueError(
+                f"moment_head {self.moment_head} is not one of {self.text_heads} heads"
+            )
 
 
 # ----------------------------------------------------------------------------------- data
@@ -637,13 +648,16 @@ class PointerProbe:
     yes/no or scene answer about a moment reads what the frame shows, which FrameProbe gathers
     at the frame's last visual token: its target is that token (`Packed.pointer_whole`). With
     the whole frame there too (run ptr6), the head found the asked moment (AT pointer 0.94) but
-    read its label, not its content: "No." to every AT question whose answer was "Yes." Nothing
-    is added to the model: it reads the layer's own projections.
+    read its label, not its content: "No." to every AT question whose answer was "Yes." A
+    moment's answer is supervised on `moment_head` (default: `head`); in another key/value group
+    its values need not carry the labels the times copy. Nothing is added to the model: it reads
+    the layer's own projections.
     """
 
-    def __init__(self, model, layer: int, head: int = 0) -> None:
+    def __init__(self, model, layer: int, head: int = 0, moment_head: int | None = None) -> None:
         self.attention = model.model.language_model.layers[layer].self_attn
         self.head = head
+        self.moment_head = head if moment_head is None else moment_head
         self.captured: dict = {}
         self.last = 0.0
         self._hook = self.attention.register_forward_pre_hook(self._capture, with_kwargs=True)
@@ -680,13 +694,16 @@ class PointerProbe:
         hidden = self.captured["hidden"][0]
         cos, sin = (x[0] for x in self.captured["rope"])
         dim = attention.head_dim
-        kv_head = self.head // attention.num_key_value_groups
         rows = packed.pointer_queries
-        q = attention.q_proj(hidden[rows]).view(len(rows), -1, dim)[:, self.head]
-        k = attention.k_proj(hidden).view(hidden.shape[0], -1, dim)[:, kv_head]
+        heads = torch.where(packed.pointer_whole, self.head, self.moment_head)
+        q = attention.q_proj(hidden[rows]).view(len(rows), -1, dim)[torch.arange(len(rows)), heads]
+        k = attention.k_proj(hidden).view(hidden.shape[0], -1, dim)  # (L, kv heads, dim)
         q = q * cos[rows] + rotate_half(q) * sin[rows]
-        k = k * cos + rotate_half(k) * sin
-        logits = (q @ k.T) * attention.scaling
+        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+        # Each query against the keys of its own head's key/value group.
+        groups = torch.einsum("pd,lgd->pgl", q, k)
+        logits = groups[torch.arange(len(rows)), heads // attention.num_key_value_groups]
+        logits = logits * attention.scaling
         return logits.masked_fill(~packed.mask[0, 0, rows], float("-inf"))
 
 
@@ -869,7 +886,11 @@ def train(out: Path, config: TrainConfig, *, log_every: int = 25, eval_scenes: i
     total_steps = sum(s.steps for s in config.stages)
     token_head = WordProbe(tokenizer, model.get_input_embeddings())
     frame_probe = FrameProbe(config.text_hidden, layer=config.text_layers // 2)
-    pointer = PointerProbe(model, layer=config.text_layers - 1) if config.pointer_loss else None
+    pointer = (
+        PointerProbe(model, layer=config.text_layers - 1, moment_head=config.moment_head)
+        if config.pointer_loss
+        else None
+    )
     question_probe = QuestionProbe(config.text_hidden, layer=config.text_layers - 1)
     params = [
         *model.parameters(),

@@ -44,6 +44,7 @@ SMALL = TrainConfig(
     text_hidden=64,
     text_layers=1,
     text_heads=2,
+    moment_head=1,
 )
 
 
@@ -326,8 +327,8 @@ def test_pointer_targets_name_the_frame_each_answer_token_copies(built) -> None:
 
 def test_pointer_loss_is_the_heads_own_attention(built) -> None:
     """PointerProbe's loss equals -log of the attention weight transformers' eager attention
-    gives each target frame's tokens (its label through its last visual token), head 0 of the
-    probed layer."""
+    gives each target frame's tokens (its label through its last visual token) in head 0 of the
+    probed layer, and each moment's frame (its last visual token) in the moment head."""
     from livelens.model.training import PointerProbe
 
     tokenizer, model, prompt = built
@@ -346,7 +347,7 @@ def test_pointer_loss_is_the_heads_own_attention(built) -> None:
     for row, whole in rows:
         block = max(i for i, start in enumerate(starts) if start <= row)
         assert whole == (clip.questions[block].kind in (Kind.WHEN, Kind.FIRST))
-    probe = PointerProbe(model, layer=0)
+    probe = PointerProbe(model, layer=0, moment_head=1)
     with torch.no_grad():
         embeds = _embeds(model, clip, packed, video_id)
         language = model.model.language_model
@@ -363,7 +364,7 @@ def test_pointer_loss_is_the_heads_own_attention(built) -> None:
             language.config._attn_implementation = "sdpa"
         loss = probe.loss(packed)
     probe.remove()
-    weights = out.attentions[0][0, 0]  # layer 0, head 0: (L, L)
+    weights = out.attentions[0][0]  # layer 0: (heads, L, L)
     # A time: summed over the target frame's label and visual tokens; a moment: the frame's
     # last visual token.
     bounds = [0, *(packed.frame_last + 1).tolist()]
@@ -375,7 +376,9 @@ def test_pointer_loss_is_the_heads_own_attention(built) -> None:
     )
     frames = torch.stack(
         [
-            weights[q, bounds[f] if whole else bounds[f + 1] - 1 : bounds[f + 1]].sum()
+            weights[
+                0 if whole else 1, q, bounds[f] if whole else bounds[f + 1] - 1 : bounds[f + 1]
+            ].sum()
             for q, f, whole in targets
         ]
     )
