@@ -28,15 +28,16 @@ Recipe (docs/benchmarks.md has the learning curve and the experiments behind eac
 - a stay's answer ends at the first frame without the object (qa.frame_spans), and most "No."
   answers are about an object the clip shows at other moments (balanced_questions);
 - scenes with several objects more often than not, so an answer must depend on the object asked;
-- a narrow LLM (width 128, 4 heads of 64) with Qwen2.5's rope theta (1e6), unit-scale input
-  embeddings and visual features at initialisation (_widen_inputs).
+- a narrow LLM (width 128, 4 heads of 32, 2 key/value heads) with Qwen2.5's rope theta (1e6),
+  unit-scale input embeddings and visual features at initialisation (_widen_inputs).
 Deterministic from --seed on a given machine (fixed step counts, seeded data and pools).
 
 Status (run ptr7, 57.8 min): the model finds the asked object's frames and the ends of its
 stays (WHEN pointer 0.80) and copies labels, also past 1200 s; held-out WHEN mIoU 0.60, R@0.5
 0.61 against targets of 0.8 / 0.85. Its yes/no answers lean to "No." (0.74; the newest frame's
 P(yes) stays under 0.5 while the object is visible), so no checkpoint is committed yet
-(docs/benchmarks.md, issue 9).
+(docs/benchmarks.md, issue 9). Runs ptr8 (label digits read at the label) and ptr9 (a moment's
+answer on its own head) did not do better.
 """
 
 from __future__ import annotations
@@ -157,11 +158,13 @@ class TrainConfig:
     pointer_loss: float = 1.0
     """Weight (before token_loss's) of the attention supervision of the last layer's first head
     (see PointerProbe); 0 turns it off."""
-    moment_head: int = 2
+    moment_head: int = 0
     """The last layer's head PointerProbe supervises for a moment's answer (AT/NOW/SCENE); head 0
-    takes the times to copy. 2 is in the other key/value group of text_kv_heads=2, so what a
-    frame's tokens hand to a copied time (its label) and to a moment's answer (what it shows)
-    are different value vectors."""
+    takes the times to copy. Run ptr9 tried 2, in the other key/value group of text_kv_heads=2,
+    so that what a frame hands to a copied time (its label) and to a moment's answer (what it
+    shows) are different value vectors: AT answers kept their frame (AT pointer 0.94) but
+    grounding fell (mIoU 0.535 against 0.599) and the newest frame's "Yes." stayed weak
+    (docs/benchmarks.md)."""
     shift_share: float = 0.3
     """Share of clips whose media time starts later than 0 (a live stream's labels keep growing:
     `Time 3605.0s:` an hour in), by up to `shift_max` seconds."""
