@@ -27,17 +27,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import random
 import sys
 from collections import Counter
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from livelens.model.loading import LIVELENS_JSON, load_model
+from livelens.model.loading import checkpoint_meta, load_model
 from livelens.model.prompt import PromptFormat
 from livelens.model.qa import QuestionMaker
 from livelens.model.scenes import VOCABULARY, VOCABULARY_INDEX, generate_scene
@@ -135,16 +133,6 @@ def diagnose(loaded, clip: Clip, counts: Counter, moment_head: int = 0) -> None:
             counts[(kind, "first")] += token
 
 
-def trained_moment_head(model: str) -> int:
-    """The head a checkpoint's training supervised for moments (livelens.json; 0 before runs
-    had one, or for a model spec that is not a directory)."""
-    try:
-        meta = json.loads((Path(model) / LIVELENS_JSON).read_text())
-    except (FileNotFoundError, NotADirectoryError):
-        return 0
-    return int(meta.get("train", {}).get("moment_head", 0))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint (a path or a model spec)")
@@ -158,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     loaded = load_model(args.model, device="cpu")
     tokens = args.tokens_per_frame or loaded.tokens_per_frame or 24
-    moment_head = trained_moment_head(args.model)
+    # The head training supervised for moments (0 for checkpoints from before runs had one).
+    moment_head = int(checkpoint_meta(loaded.path).get("train", {}).get("moment_head", 0))
     counts: Counter = Counter()
     for k in range(args.scenes):
         diagnose(loaded, scene_clip(args.seed + k, tokens, args.shift), counts, moment_head)

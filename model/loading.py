@@ -155,14 +155,23 @@ def demo_model() -> str:
     return TINY
 
 
+def checkpoint_meta(path: Path) -> dict:
+    """A checkpoint's livelens.json ({} when it has none): its tokens per frame and, for one
+    trained here, the TrainConfig it was trained with (under "train")."""
+    try:
+        meta = json.loads((Path(path) / LIVELENS_JSON).read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: unreadable {LIVELENS_JSON} ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{path}: {LIVELENS_JSON} is not a JSON object")
+    return meta
+
+
 def preferred_tokens_per_frame(path: Path) -> int | None:
     """The token budget per frame a checkpoint asks for in its livelens.json, if any."""
-    try:
-        value = json.loads((Path(path) / LIVELENS_JSON).read_text()).get("tokens_per_frame")
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ModelLoadError(f"{path}: unreadable {LIVELENS_JSON} ({exc})") from None
+    value = checkpoint_meta(path).get("tokens_per_frame")
     if value is None:
         return None
     from livelens.stream.grid import MIN_TOKENS_PER_FRAME

@@ -108,8 +108,9 @@ def test_bad_livelens_json_budget_is_refused(tmp_path, value):
     (tmp_path / "livelens.json").write_text(json.dumps({"tokens_per_frame": value}))
     with pytest.raises(ModelLoadError, match="tokens_per_frame"):
         preferred_tokens_per_frame(tmp_path)
-    (tmp_path / "livelens.json").write_text("{not json")
-    with pytest.raises(ModelLoadError, match=r"livelens\.json"):
-        preferred_tokens_per_frame(tmp_path)
+    for text in ("{not json", "[24]"):
+        (tmp_path / "livelens.json").write_text(text)
+        with pytest.raises(ModelLoadError, match=r"livelens\.json"):
+            preferred_tokens_per_frame(tmp_path)
     (tmp_path / "livelens.json").unlink()
     assert preferred_tokens_per_frame(tmp_path) is None
