@@ -55,6 +55,7 @@ from livelens.stream.whip import (
     validate_offer,
     whip_router,
 )
+from livelens.stream.whip.peer import watchdog_interval
 
 ASSETS = Path(__file__).parent / "assets"
 TOKEN = "s3cret-token"
@@ -939,10 +940,9 @@ def test_publisher_vanishes_from_the_network(server: Server) -> None:
         return sink, elapsed
 
     sink, elapsed = asyncio.run(scenario())
-    # The watchdog reads the packet counter every min(0.5, grace / 4) s, so the silence it counts
-    # starts at the last poll that saw the counter move: up to one poll before the cut.
-    poll = min(0.5, GRACE / 4)
-    assert GRACE - poll <= elapsed < GRACE + 3
+    # The silence the watchdog counts starts at its last read that saw packets, which may
+    # precede the cut by up to one read interval.
+    assert GRACE - watchdog_interval(GRACE) <= elapsed < GRACE + 3
     assert sink.finishes == [(f"publisher disconnected (no packets for {GRACE:g} s)", False)]
 
 

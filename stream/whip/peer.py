@@ -285,6 +285,12 @@ def _judge_liveness_by_packets(peer: _Peer) -> None:
     connection._query_consent_task = None
 
 
+def watchdog_interval(disconnect_grace: float) -> float:
+    """How often a publication's packet counter is read: the silence it counts starts at the
+    last read that saw it move, up to one interval before the packets stopped."""
+    return min(0.5, disconnect_grace / 4)
+
+
 class WhipIngest:
     """The WHIP publications of one server, by session id; use it from one asyncio loop."""
 
@@ -503,7 +509,7 @@ class WhipIngest:
     async def _watch(self, peer: _Peer) -> None:
         """End a publication that never connects, or whose packets stop for disconnect_grace."""
         s = self.settings
-        interval = min(0.5, s.disconnect_grace / 4)
+        interval = watchdog_interval(s.disconnect_grace)
         last_count, last_change = -1, time.monotonic()
         while not peer.ended:
             await asyncio.sleep(interval)
