@@ -56,6 +56,16 @@ def built():
     return tokenizer, model, prompt
 
 
+@pytest.fixture(scope="module")
+def built_gqa():
+    """SMALL with four heads on two key/value heads, as the trained model has them: head 2's keys
+    are key/value head 1's."""
+    tokenizer, model = build_model(replace(SMALL, text_heads=4, text_kv_heads=2, moment_head=2))
+    model.eval()
+    prompt = PromptFormat.from_tokenizer(tokenizer, model.config.video_token_id)
+    return tokenizer, model, prompt
+
+
 def _ids(tokenizer, model):
     return int(model.config.video_token_id), int(tokenizer.convert_tokens_to_ids("<|im_end|>"))
 
@@ -246,6 +256,11 @@ def test_object_changes_name_entries_then_exits() -> None:
     ]
 
 
+def test_moment_head_must_be_a_head_of_the_model() -> None:
+    with pytest.raises(ValueError, match="moment_head 2 is not one of 2 heads"):
+        replace(SMALL, moment_head=2)
+
+
 def test_label_digits_read_every_label_up_to_four_digits_of_seconds() -> None:
     from livelens.model.training import label_digits
 
@@ -325,13 +340,15 @@ def test_pointer_targets_name_the_frame_each_answer_token_copies(built) -> None:
         assert pointer_targets(qa, ids, tokenizer, frame_of, 5) == [(0, frame, False)]
 
 
-def test_pointer_loss_is_the_heads_own_attention(built) -> None:
+@pytest.mark.parametrize(("models", "moment_head"), [("built", 1), ("built_gqa", 2)])
+def test_pointer_loss_is_the_heads_own_attention(request, models: str, moment_head: int) -> None:
     """PointerProbe's loss equals -log of the attention weight transformers' eager attention
     gives each target frame's tokens (its label through its last visual token) in head 0 of the
-    probed layer, and each moment's frame (its last visual token) in the moment head."""
+    probed layer, and each moment's frame (its last visual token) in the moment head; with one
+    key/value head per head and with two heads per key/value head."""
     from livelens.model.training import PointerProbe
 
-    tokenizer, model, prompt = built
+    tokenizer, model, prompt = request.getfixturevalue(models)
     video_id, eos_id = _ids(tokenizer, model)
     # A clip asked both times to copy (WHEN, FIRST) and moments (AT, NOW, SCENE...).
     for seed in range(29, 60):
@@ -347,7 +364,7 @@ def test_pointer_loss_is_the_heads_own_attention(built) -> None:
     for row, whole in rows:
         block = max(i for i, start in enumerate(starts) if start <= row)
         assert whole == (clip.questions[block].kind in (Kind.WHEN, Kind.FIRST))
-    probe = PointerProbe(model, layer=0, moment_head=1)
+    probe = PointerProbe(model, layer=0, moment_head=moment_head)
     with torch.no_grad():
         embeds = _embeds(model, clip, packed, video_id)
         language = model.model.language_model
@@ -377,7 +394,9 @@ def test_pointer_loss_is_the_heads_own_attention(built) -> None:
     frames = torch.stack(
         [
             weights[
-                0 if whole else 1, q, bounds[f] if whole else bounds[f + 1] - 1 : bounds[f + 1]
+                0 if whole else moment_head,
+                q,
+                bounds[f] if whole else bounds[f + 1] - 1 : bounds[f + 1],
             ].sum()
             for q, f, whole in targets
         ]
