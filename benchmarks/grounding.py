@@ -461,6 +461,7 @@ def score(
                 compared += 1
             rows.append(row)
     summary: dict[str, Any] = scores.summary()
+    summary["yes_no_by"] = scores.yes_no_by
     summary["scenes"] = len(run.scenes)
     summary["same_as_offline"] = same if compared else None
     summary["compared"] = compared
@@ -494,6 +495,19 @@ def table(summaries: dict[str, dict[str, Any]]) -> list[str]:
             f"{_cell(s['boundary_s'], 2)} | {_cell(s['absent'])} | {same} | {frames} | "
             f"{s['seconds']:.0f} |"
         )
+    return lines
+
+
+def yes_no_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown table: per path and yes/no kind, how often each true answer was given (a model
+    that leans to one answer shows here, not in the overall accuracy)."""
+    lines = ['| path | kind | "Yes." when yes | "No." when no |', "|---|---|---:|---:|"]
+    for path, s in summaries.items():
+        for kind in (Kind.AT, Kind.NOW):
+            cells = [s["yes_no_by"].get(f"{kind} {truth}", [0, 0]) for truth in ("Yes.", "No.")]
+            lines.append(
+                f"| {path} | {kind} | " + " | ".join(f"{r} of {n}" for r, n in cells) + " |"
+            )
     return lines
 
 
@@ -645,6 +659,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print()
     for line in table(summaries):
+        print(line)
+    print()
+    for line in yes_no_table(summaries):
         print(line)
     for path, s in summaries.items():
         if s["error"]:

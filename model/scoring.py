@@ -52,6 +52,8 @@ class Scores:
     boundary_errors: list[float] = field(default_factory=list)
     absent_correct: list[bool] = field(default_factory=list)
     yes_no: list[bool] = field(default_factory=list)
+    yes_no_by: dict[str, list[int]] = field(default_factory=dict)
+    """Per "<kind> <true answer>" (e.g. "now Yes."): [answered right, asked]."""
     scene: list[bool] = field(default_factory=list)
 
     def add(self, qa: QA, answer: str, stream_end: float) -> float | None:
@@ -70,7 +72,11 @@ class Scores:
                 self.boundary_errors.append(abs(predicted[-1][1] - truth[-1][1]))
             return value
         if qa.kind in (Kind.AT, Kind.NOW):
-            self.yes_no.append(_normal(answer) == _normal(qa.answer))
+            right = _normal(answer) == _normal(qa.answer)
+            self.yes_no.append(right)
+            counts = self.yes_no_by.setdefault(f"{qa.kind} {qa.answer}", [0, 0])
+            counts[0] += right
+            counts[1] += 1
         else:
             self.scene.append(_normal(answer) == _normal(qa.answer))
         return None

@@ -84,6 +84,22 @@ def test_offline_and_oracle_agree_token_for_token(
     ids = [r["token_ids"] for r in ours["replies"]]
     assert ids == [r["token_ids"] for r in theirs["replies"]] and all(ids)
 
+    # The yes/no table: per kind, each true answer's right/asked, as the answers say.
+    start = lines.index('| path | kind | "Yes." when yes | "No." when no |')
+    printed_by = {(r[0], r[1]): r[2:4] for r in (
+        [c.strip() for c in line.strip("|").split("|")] for line in lines[start + 2 : start + 6]
+    )}  # fmt: skip
+    asked = 0
+    for kind in (Kind.AT, Kind.NOW):
+        cells = []
+        for truth in ("Yes.", "No."):
+            mine = [a for a in offline["answers"] if a["kind"] == kind and a["truth"] == truth]
+            right = sum(a["answer"].strip().lower() == truth.lower() for a in mine)
+            cells.append(f"{right} of {len(mine)}")
+            asked += len(mine)
+        assert printed_by[("offline", str(kind))] == cells
+    assert asked == summary["yes_no_n"] > 0
+
     # The offline path is what `livelens ask` answers.
     [scene] = result["scenes"]
     first = ours["replies"][0]
